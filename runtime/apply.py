@@ -1,0 +1,132 @@
+"""Attach a plan to a model so that plain `model.generate()` runs with a PoD-compressed cache.
+
+`apply_plan` checks the model against the plan, selects the registered ``ilc_pod`` attention function and
+installs one forward pre-hook on the model instance. The hook gives every forward that has no cache (or the
+empty `DynamicCache` that `generate` builds) a fresh `PoDCache`, records left padding, and refuses contexts
+beyond the model's limit. Nothing in transformers is patched and no state is global: two models with two plans
+work side by side, and `remove_plan` restores the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
+
+from .architectures import check_supported, model_signature, text_config
+from .attention import ATTENTION_NAME, pod_attention, pod_mask
+from .cache import PoDCache
+from .plan import Plan, PlanError
+
+
+@dataclass
+class AppliedPlan:
+    """What `apply_plan` leaves on the model, so that it can be undone."""
+
+    plan: Plan
+    previous_attention: str | None
+    hook: torch.utils.hooks.RemovableHandle
+    mode: str
+    skip_threshold: float | None
+
+    def new_cache(self) -> PoDCache:
+        return PoDCache(self.plan, mode=self.mode, skip_threshold=self.skip_threshold)
+
+
+def register_attention() -> None:
+    """Register the attention and mask functions under one name (idempotent, stateless)."""
+    AttentionInterface.register(ATTENTION_NAME, pod_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, pod_mask)
+
+
+def check_plan_matches(plan: Plan, model, strict: bool = True) -> None:
+    """Raise `PlanError` if `model` is not the model the plan was calibrated for."""
+    check_supported(model.config)
+    sig = model_signature(model)
+    want = plan.model
+    for field in ("model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim"):
+        if getattr(sig, field) != getattr(want, field):
+            raise PlanError(f"plan for {want.name!r} does not fit this model: {field} is {getattr(sig, field)}, "
+                            f"the plan expects {getattr(want, field)}")
+    if sig.config_fingerprint != want.config_fingerprint:
+        raise PlanError(f"plan for {want.name!r} does not fit this model: config fingerprint "
+                        f"{sig.config_fingerprint} != {want.config_fingerprint}")
+    if strict and want.weights_fingerprint and sig.weights_fingerprint != want.weights_fingerprint:
+        raise PlanError(f"plan for {want.name!r} was calibrated on other weights (weights fingerprint "
+                        f"{sig.weights_fingerprint} != {want.weights_fingerprint}). Calibrate a plan for this "
+                        "checkpoint, or pass strict=False to apply it anyway (e.g. to a fine-tune of the same base).")
+
+
+def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: float | None = None,
+               strict: bool = True):
+    """Make `model` run with `plan`'s compressed cache; returns `model`. Undo with `remove_plan(model)`."""
+    check_plan_matches(plan, model, strict=strict)
+    mode = mode or plan.mode
+    if mode not in ("scores", "keys"):
+        raise PlanError(f"mode must be 'scores' or 'keys', got {mode!r}")
+    if getattr(model, "_ilc_applied", None) is not None:
+        remove_plan(model)
+    register_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    max_context = getattr(text_config(model.config), "max_position_embeddings", None)
+    applied = AppliedPlan(plan, previous, None, mode, plan.skip_threshold if skip_threshold is None else skip_threshold)
+
+    def before_forward(module, args, kwargs):
+        if module.config._attn_implementation != ATTENTION_NAME:
+            raise PlanError(f"an ilc plan is applied, but the attention implementation was changed to "
+                            f"{module.config._attn_implementation!r}; call ilc.runtime.remove_plan(model) first")
+        cache = kwargs.get("past_key_values")
+        if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+            cache = applied.new_cache()
+            kwargs["past_key_values"] = cache
+        elif not isinstance(cache, PoDCache):
+            raise PlanError(f"an ilc plan is applied, but the forward got a {type(cache).__name__} that already "
+                            "holds tokens; use plan.new_cache(model) or no cache")
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if tokens is None and args:
+            tokens = args[0]
+        seen = cache.get_seq_length()
+        new = tokens.shape[1] if tokens is not None else 0
+        if max_context and seen + new > max_context:
+            raise PlanError(f"context of {seen + new} tokens exceeds the model's limit of {max_context} "
+                            "(max_position_embeddings); nothing was computed")
+        _record_padding(cache, kwargs.get("attention_mask"), seen)
+        return args, kwargs
+
+    applied.hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
+    model._ilc_applied = applied
+    return model
+
+
+def remove_plan(model):
+    """Undo `apply_plan`: remove the hook and restore the previous attention implementation."""
+    applied = getattr(model, "_ilc_applied", None)
+    if applied is None:
+        return model
+    applied.hook.remove()
+    model.set_attn_implementation(applied.previous_attention or "sdpa")
+    model._ilc_applied = None
+    return model
+
+
+def _record_padding(cache: PoDCache, mask, seen: int) -> None:
+    """Left padding -> each row's first real slot. Right padding or holes are refused (never silently wrong)."""
+    if mask is None:
+        if seen == 0:
+            cache.set_row_start(None)
+        return
+    if mask.ndim != 2:
+        raise PlanError("ilc needs a 2-D attention_mask (batch, tokens) of 0/1 values")
+    mask = mask.bool()
+    if seen == 0:
+        row_start = (~mask).long().cumprod(dim=1).sum(dim=1)  # leading zeros per row
+        if not bool(mask.long().sum(1).eq(mask.shape[1] - row_start).all()):
+            raise PlanError("ilc supports left padding only (padding_side='left'): this attention_mask has zeros "
+                            "after real tokens")
+        cache.set_row_start(row_start)
+    elif mask.shape[1] > seen and not bool(mask[:, seen:].all()):
+        raise PlanError("ilc supports left padding only: the attention_mask has zeros after the prompt")

@@ -1,0 +1,208 @@
+"""The attention function registered with transformers for PoD-compressed caches.
+
+Rule, for a query at slot i and a key at slot j <= i of the same row (rs = the row's first real slot):
+- proximal if j - rs < sinks or i - j < window: logit = own query . own key;
+- distant otherwise: logit = q_d . anchor key, where q_d is the anchor layer's query ("scores" mode,
+  training-free: a follower reproduces its anchor's distant logits) or the layer's own query ("keys" mode);
+- one softmax over all logits, then the layer's own values.
+
+On CUDA the Triton kernels of `ilc.kernels` run it; elsewhere `reference_attention` below does, with
+PyTorch SDPA over query chunks so that an 8k prefill stays within a few GB.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .cache import PoDKeys, PoDLayer
+
+ATTENTION_NAME = "ilc_pod"
+_QUERY_CHUNK_ELEMENTS = 1 << 25  # logits per SDPA call (B * heads * queries * keys): ~128 MB in fp32
+
+
+def pod_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: returns ([B, q, Hq, D], None)."""
+    if not isinstance(key, PoDKeys):
+        raise RuntimeError(
+            f"layer {getattr(module, 'layer_idx', '?')}: an ilc plan is applied to this model, but it ran with a "
+            f"cache that is not the plan's (got keys of type {type(key).__name__}). Pass no cache, or "
+            "`past_key_values=plan.new_cache(model)`, or call `ilc.runtime.remove_plan(model)` first."
+        )
+    if dropout:
+        raise RuntimeError("ilc's PoD attention is for inference; dropout is not supported")
+    layer = key.layer
+    state = key.state
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if state.mode == "scores" and layer.layer_idx in layer.cache.last_reader:
+        state.queries[layer.layer_idx] = query
+    if query.is_cuda and not state.force_reference:
+        from ilc.kernels import pod_attention_cuda
+
+        out = pod_attention_cuda(query, key, value, scaling)
+    else:
+        out = reference_attention(query, key, value, scaling)
+    for anchor in {a for a in layer.anchors if a != layer.layer_idx}:
+        if layer.cache.last_reader.get(anchor) == layer.layer_idx:
+            state.queries.pop(anchor, None)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def pod_mask(*args, **kwargs):
+    """Mask builder registered under the same name: padding lives in the cache (its row starts), so no mask."""
+    return None
+
+
+def query_heads(kv_heads: list[int], group: int) -> list[int]:
+    """Query-head indices served by `kv_heads` under grouped-query attention."""
+    return [h * group + g for h in kv_heads for g in range(group)]
+
+
+def follower_groups(layer: PoDLayer) -> dict[int, list[int]]:
+    """anchor layer -> positions (within `layer.follower_heads`) of the heads that read its keys."""
+    groups: dict[int, list[int]] = {}
+    for pos, h in enumerate(layer.follower_heads):
+        groups.setdefault(layer.anchors[h], []).append(pos)
+    return groups
+
+
+def distant_query(view: PoDKeys, anchor: int, query: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """q_d for `heads` of this layer: its own query ("keys") or the anchor's query of this forward ("scores")."""
+    group = query.shape[1] // view.layer.values.shape[1]
+    if view.state.mode == "keys":
+        return query[:, query_heads(heads, group)]
+    anchor_query = view.state.queries.get(anchor)
+    if anchor_query is None or anchor_query.shape != query.shape:
+        raise RuntimeError(f"scores mode: layer {view.layer.layer_idx} found no query from its anchor layer {anchor} "
+                           "for this forward (layers must run in order within one forward)")
+    return anchor_query[:, query_heads(heads, group)]
+
+
+def reference_attention(query: torch.Tensor, view: PoDKeys, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PoD attention in PyTorch. query [B, Hq, q, D] at slots [view.start, view.total); returns [B, Hq, q, D]."""
+    layer = view.layer
+    b, hq, q, d = query.shape
+    group = hq // values.shape[1]
+    out = query.new_empty(b, hq, q, d)
+    if layer.anchor_heads:
+        qi = query_heads(layer.anchor_heads, group)
+        out[:, qi] = _dense_part(query[:, qi], layer.anchor_keys[:, :, :view.total], values[:, layer.anchor_heads],
+                                 view, scaling)
+    for anchor, positions in follower_groups(layer).items():
+        heads = [layer.follower_heads[p] for p in positions]
+        qi = query_heads(heads, group)
+        anchor_layer = layer.cache.layers[anchor]
+        idx = [anchor_layer.anchor_heads.index(h) for h in heads]
+        out[:, qi] = _split_part(
+            query[:, qi], distant_query(view, anchor, query, heads),
+            sink_keys=layer.sink_keys[:, positions], recent_keys=view.recent_keys[:, positions],
+            anchor_keys=anchor_layer.anchor_keys[:, idx, :view.total], values=values[:, heads],
+            view=view, scaling=scaling,
+        )
+    return out
+
+
+def _row_start(view: PoDKeys, b: int, device) -> torch.Tensor:
+    rs = view.state.row_start
+    return torch.zeros(b, dtype=torch.long, device=device) if rs is None else rs.to(device)
+
+
+def _chunks(q: int, keys: int, heads: int, b: int):
+    step = max(1, min(q, _QUERY_CHUNK_ELEMENTS // max(1, keys * heads * b)))
+    return range(0, q, step), step
+
+
+def _dense_part(query, keys, values, view: PoDKeys, scaling):
+    """Own-key causal attention for the KV heads this layer anchors (a dense layer for those heads)."""
+    b, _, q, _ = query.shape
+    t = keys.shape[2]
+    if view.state.row_start is None and view.start == 0:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=q > 1, scale=scaling, enable_gqa=True)
+    rs = _row_start(view, b, query.device)[:, None, None]
+    j = torch.arange(t, device=query.device)
+    out = torch.empty_like(query)
+    starts, step = _chunks(q, t, query.shape[1], b)
+    for c0 in starts:
+        i = torch.arange(view.start + c0, view.start + min(q, c0 + step), device=query.device)[:, None]
+        real = i >= rs
+        mask = (j <= i) & ((real & (j >= rs)) | (~real & (j < rs)))
+        out[:, :, c0:c0 + step] = F.scaled_dot_product_attention(
+            query[:, :, c0:c0 + step], keys, values, attn_mask=mask[:, None], scale=scaling, enable_gqa=True)
+    return out
+
+
+def _split_part(q_own, q_dist, *, sink_keys, recent_keys, anchor_keys, values, view: PoDKeys, scaling):
+    """Follower heads: own sinks + own recent window, anchor's keys for distant slots, one softmax, own values."""
+    state = view.state
+    b, nq, q, d = q_own.shape
+    s, w = state.sinks, state.window
+    dev = q_own.device
+    rs = _row_start(view, b, dev)[:, None, None]  # [B, 1, 1]
+    min_rs = 0 if state.row_start is None else int(state.row_start.min())
+    # Sink values are each row's first real slots; gather them (clamped; unstored ones are masked below).
+    sink_slots = rs[:, 0] + torch.arange(s, device=dev)[None, :]  # [B, S]
+    gather = sink_slots.clamp(max=view.total - 1)[:, None, :, None].expand(-1, values.shape[1], -1, d)
+    sink_values = values.gather(2, gather)
+    scores_mode = state.mode == "scores"
+    if scores_mode:  # one SDPA over [own | anchor] logits: widen the head dim so each segment meets its query
+        zeros = lambda t: torch.zeros_like(t)  # noqa: E731
+        q_cat = torch.cat([q_own, q_dist], dim=-1)
+    out = torch.empty_like(q_own)
+    approx_keys = s + min(view.total, w + q) + max(0, view.total - w)
+    starts, step = _chunks(q, approx_keys, nq, b)
+    for c0 in starts:
+        c1 = min(q, c0 + step)
+        i_lo, i_hi = view.start + c0, view.start + c1
+        i = torch.arange(i_lo, i_hi, device=dev)[:, None]
+        real = i >= rs  # [B, qc, 1]
+        # own keys: window slots [w_lo, i_hi) come from the recent keys (which start at view.recent_start)
+        w_lo = max(view.recent_start, i_lo - w + 1)
+        win_k = recent_keys[:, :, w_lo - view.recent_start:i_hi - view.recent_start]
+        win_v = values[:, :, w_lo:i_hi]
+        # distant slots [d_lo, d_hi): anchor keys
+        d_lo = min_rs + s
+        d_hi = max(d_lo, i_hi - w)
+        dist_k = anchor_keys[:, :, d_lo:d_hi]
+        dist_v = values[:, :, d_lo:d_hi]
+        js = sink_slots[:, None, :]  # [B, 1, S]
+        jw = torch.arange(w_lo, i_hi, device=dev)[None, None, :]
+        jd = torch.arange(d_lo, d_hi, device=dev)[None, None, :]
+        m_sink = real & (js <= i) & (js < view.total)
+        m_win = (jw <= i) & (jw > i - w) & (~real | (jw >= rs + s))
+        m_dist = real & (jd >= rs + s) & (jd <= i - w)
+        if scores_mode:
+            keys = torch.cat([torch.cat([sink_keys, zeros(sink_keys)], -1), torch.cat([win_k, zeros(win_k)], -1),
+                              torch.cat([zeros(dist_k), dist_k], -1)], dim=2)
+            qc = q_cat[:, :, c0:c1]
+        else:
+            keys = torch.cat([sink_keys, win_k, dist_k], dim=2)
+            qc = q_own[:, :, c0:c1]
+        vals = torch.cat([sink_values, win_v, dist_v], dim=2)
+        mask = torch.cat([m_sink, m_win, m_dist], dim=-1)[:, None]  # [B, 1, qc, K]
+        if state.skip_threshold is not None and d_hi > d_lo:
+            mask = _skip_distant(q_own[:, :, c0:c1], q_dist[:, :, c0:c1], sink_keys, win_k, dist_k,
+                                 mask, m_dist.shape[-1], state, scaling)
+        out[:, :, c0:c1] = F.scaled_dot_product_attention(qc, keys, vals, attn_mask=mask, scale=scaling,
+                                                          enable_gqa=True)
+    return out
+
+
+def _skip_distant(q_own, q_dist, sink_keys, win_k, dist_k, mask, n_dist, state, scaling):
+    """The paper's compute skip: drop a row's distant logits where proximal tokens hold >= tau of the mass."""
+    group = q_own.shape[1] // sink_keys.shape[1]
+    rep = lambda t: t.repeat_interleave(group, dim=1)  # noqa: E731
+    prox = torch.cat([sink_keys, win_k], dim=2)
+    lp = (q_own.float() @ rep(prox).float().transpose(-1, -2)) * scaling
+    ld = (q_dist.float() @ rep(dist_k).float().transpose(-1, -2)) * scaling
+    n_prox = prox.shape[2]
+    lse_p = lp.masked_fill(~mask[..., :n_prox], float("-inf")).logsumexp(-1)
+    lse_d = ld.masked_fill(~mask[..., n_prox:], float("-inf")).logsumexp(-1)
+    skip = torch.sigmoid(lse_p - lse_d) >= state.skip_threshold  # [B, Hq', qc]; no distant mass -> sigmoid = 1
+    has_distant = mask[..., n_prox:].any(-1)
+    state.skipped_rows += int((skip & has_distant).sum())
+    state.follower_rows += int(has_distant.expand_as(skip).sum())
+    mask = mask.expand(-1, q_own.shape[1], -1, -1).clone()
+    mask[..., n_prox:] &= ~skip[..., None]
+    return mask

@@ -1,0 +1,283 @@
+"""A transformers `Cache` that stores a PoD plan's layout and really holds fewer bytes.
+
+Per layer, in slot coordinates (slot = position in the padded batch, the same for every row):
+- values of every token, for every KV head;
+- full keys for the KV heads this layer anchors (its block's first layer);
+- for the KV heads where this layer follows an anchor: only its own keys of the sink tokens (the first
+  ``sinks`` real tokens of each row) and of the last ``window`` slots (a ring buffer). A key is overwritten
+  as its token leaves the window; the distant keys come from the anchor layer.
+
+`update` cannot return a dense key tensor for such a layer, so it returns a `PoDKeys` view that the
+registered attention function (`ilc.runtime.attention`) understands. Storage grows in chunks of about 1/128
+of its size (amortized O(1) appends, under 1% slack), never by a full copy per decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .plan import Plan
+
+
+@dataclass
+class CacheState:
+    """What every layer of one cache shares: padding offsets and the scores-mode query scratch."""
+
+    sinks: int
+    window: int
+    mode: str
+    skip_threshold: float | None
+    row_start: torch.Tensor | None = None  # [B] first real slot of each row (left padding); None = no padding
+    queries: dict = field(default_factory=dict)  # anchor layer -> its query of the current forward ("scores" mode)
+    skipped_rows: int = 0  # follower query rows whose distant attention was skipped (skip_threshold)
+    follower_rows: int = 0
+    force_reference: bool = False  # use the PyTorch reference even on CUDA (kernel tests and benchmarks)
+
+
+@dataclass
+class PoDKeys:
+    """What `update` hands to the attention function instead of a dense key tensor (not a tensor itself)."""
+
+    layer: "PoDLayer"
+    start: int  # slot of the first new token
+    total: int  # slots after this update
+    recent_keys: torch.Tensor | None  # [B, Hf, n, D] own keys of follower heads for slots [recent_start, total)
+    recent_start: int
+
+    @property
+    def state(self) -> CacheState:
+        return self.layer.state
+
+
+def _grown(capacity_needed: int) -> int:
+    return capacity_needed + max(32, capacity_needed // 128)
+
+
+class PoDLayer(CacheLayerMixin):
+    """One layer's storage under a plan: see the module docstring."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, anchors: list[int], state: CacheState, cache: "PoDCache"):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.state = state
+        self.cache = cache
+        self.anchors = anchors  # anchors[kv_head] -> anchor layer for that head
+        self.anchor_heads = [h for h, a in enumerate(anchors) if a == layer_idx]
+        self.follower_heads = [h for h, a in enumerate(anchors) if a != layer_idx]
+        self.seen = 0
+        self.capacity = 0
+        self.anchor_keys: torch.Tensor | None = None  # [B, Ha, cap, D]
+        self.sink_keys: torch.Tensor | None = None  # [B, Hf, S, D]
+        self.ring_keys: torch.Tensor | None = None  # [B, Hf, min(W, cap), D], slot s at s % W
+
+    # ------------------------------------------------------------------------------------------------ storage
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, _, _, d = key_states.shape
+        self.values = key_states.new_zeros(b, value_states.shape[1], 0, value_states.shape[-1])
+        self.anchor_keys = key_states.new_zeros(b, len(self.anchor_heads), 0, d)
+        if self.follower_heads:
+            self.sink_keys = key_states.new_zeros(b, len(self.follower_heads), self.state.sinks, d)
+            self.ring_keys = key_states.new_zeros(b, len(self.follower_heads), 0, d)
+        self.is_initialized = True
+
+    def _reserve(self, total: int) -> None:
+        if total <= self.capacity:
+            return
+        cap = _grown(total)
+        self.values = _resize(self.values, cap, self.seen)
+        self.anchor_keys = _resize(self.anchor_keys, cap, self.seen)
+        if self.follower_heads and self.ring_keys.shape[2] < self.state.window:
+            ring = min(self.state.window, cap)
+            grown = self.ring_keys.new_zeros(*self.ring_keys.shape[:2], ring, self.ring_keys.shape[-1])
+            old = self.ring_keys.shape[2]
+            grown[:, :, :old] = self.ring_keys  # while ring < window, no slot has wrapped yet
+            self.ring_keys = grown
+        self.capacity = cap
+
+    @property
+    def keys(self):  # transformers' generic helpers read `.keys`; a PoD layer has no dense key tensor
+        return self.anchor_keys
+
+    @keys.setter
+    def keys(self, value):
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, n = self.seen, key_states.shape[2]
+        total = start + n
+        self._reserve(total)
+        self.values[:, :, start:total] = value_states
+        if self.anchor_heads:
+            self.anchor_keys[:, :, start:total] = key_states[:, self.anchor_heads]
+        recent, recent_start = None, total
+        if self.follower_heads:
+            own = key_states[:, self.follower_heads]
+            recent_start = max(0, start - self.state.window + 1)
+            old = self._ring_read(recent_start, start)
+            recent = torch.cat([old, own], dim=2) if old.shape[2] else own
+            self._store_sinks(own, start)
+            self._ring_write(own, start)
+        self.seen = total
+        return PoDKeys(self, start, total, recent, recent_start), self.values[:, :, :total]
+
+    def _ring_slots(self, lo: int, hi: int) -> torch.Tensor:
+        return torch.arange(lo, hi, device=self.device) % self.state.window
+
+    def _ring_read(self, lo: int, hi: int) -> torch.Tensor:
+        if hi <= lo:
+            return self.ring_keys[:, :, :0]
+        return self.ring_keys.index_select(2, self._ring_slots(lo, hi))
+
+    def _ring_write(self, own: torch.Tensor, start: int) -> None:
+        n = own.shape[2]
+        keep = min(n, self.state.window)
+        lo = start + n - keep
+        self.ring_keys.index_copy_(2, self._ring_slots(lo, start + n), own[:, :, n - keep:])
+
+    def _store_sinks(self, own: torch.Tensor, start: int) -> None:
+        """Copy the keys of each row's first `sinks` real tokens that arrive in this update."""
+        s = self.state.sinks
+        if s == 0:
+            return
+        row_start = self.state.row_start
+        if row_start is None:
+            if start < s:
+                m = min(s, start + own.shape[2]) - start
+                self.sink_keys[:, :, start:start + m] = own[:, :, :m]
+            return
+        for b, rs in enumerate(row_start.tolist()):
+            lo, hi = max(rs, start), min(rs + s, start + own.shape[2])
+            if hi > lo:
+                self.sink_keys[b, :, lo - rs:hi - rs] = own[b, :, lo - start:hi - start]
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.anchors, self.state, self.cache)
+
+    def _map_batch(self, fn) -> None:
+        for name in ("values", "anchor_keys", "sink_keys", "ring_keys"):
+            t = getattr(self, name, None)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "ilc's PoD cache cannot be cropped: followers drop their own keys as tokens leave the window, so the "
+            "state before those tokens cannot be restored. Assisted/speculative decoding is not supported."
+        )
+
+    def offload(self):
+        raise NotImplementedError("ilc's PoD cache does not support offloading")
+
+    # ---------------------------------------------------------------------------------------------- accounting
+    def nbytes(self) -> int:
+        """Bytes this layer holds (allocated storage, slack included)."""
+        tensors = (self.values, self.anchor_keys, self.sink_keys, self.ring_keys)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def used_bytes(self) -> int:
+        """Bytes of the head-token vectors this layer must keep for `seen` slots (no slack)."""
+        if not self.is_initialized:
+            return 0
+        b, d, item = self.values.shape[0], self.values.shape[-1], self.values.element_size()
+        n_kv = self.values.shape[1]
+        own_prox = min(self.seen, self.state.sinks + self.state.window)
+        vectors = n_kv * self.seen + len(self.anchor_heads) * self.seen + len(self.follower_heads) * own_prox
+        return vectors * b * d * item
+
+    def dense_bytes(self) -> int:
+        """What a dense cache would hold for the same slots."""
+        if not self.is_initialized:
+            return 0
+        b, h, _, d = self.values.shape
+        return 2 * b * h * self.seen * d * self.values.element_size()
+
+
+def _resize(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
+    out = t.new_zeros(*t.shape[:2], capacity, t.shape[-1])
+    if used:
+        out[:, :, :used] = t[:, :, :used]
+    return out
+
+
+class PoDCache(Cache):
+    """The compressed KV cache for one `Plan`; one instance per generation (what `generate` owns)."""
+
+    def __init__(self, plan: Plan, mode: str | None = None, skip_threshold: float | None = None):
+        self.plan = plan
+        self.state = CacheState(
+            sinks=plan.sinks,
+            window=plan.window,
+            mode=mode or plan.mode,
+            skip_threshold=plan.skip_threshold if skip_threshold is None else skip_threshold,
+        )
+        table = plan.anchor_table()
+        layers = [PoDLayer(i, table[i], self.state, self) for i in range(plan.num_layers)]
+        super().__init__(layers=layers)
+        # Scores mode: which layers must leave their query for followers, and who reads it last.
+        self.last_reader: dict[int, int] = {}
+        for i, anchors in enumerate(table):
+            for a in anchors:
+                if a != i:
+                    self.last_reader[a] = max(self.last_reader.get(a, -1), i)
+
+    def set_row_start(self, row_start: torch.Tensor | None) -> None:
+        """Record each row's first real slot (left padding); sinks are each row's first real tokens."""
+        if row_start is not None and not bool((row_start > 0).any()):
+            row_start = None
+        self.state.row_start = row_start
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.state.row_start is not None:
+            self.state.row_start = self.state.row_start.index_select(0, beam_idx.to(self.state.row_start.device))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.state.row_start is not None:
+            self.state.row_start = self.state.row_start.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.state.row_start is not None:
+            self.state.row_start = self.state.row_start[indices]
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def used_bytes(self) -> int:
+        return sum(layer.used_bytes() for layer in self.layers)
+
+    def dense_bytes(self) -> int:
+        return sum(layer.dense_bytes() for layer in self.layers)

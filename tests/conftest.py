@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny random Llama built in code (no downloads) and plan helpers."""
+
+import os
+
+import pytest
+import torch
+
+# Triton kernels run in the interpreter on machines without a GPU (set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from ilc.runtime import Plan, model_signature  # noqa: E402
+from ilc.runtime.plan import blocks_from_layers  # noqa: E402
+
+
+def tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=8, vocab=97, max_pos=512, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=max_pos,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def make_plan(model, groups, sinks=2, window=4, mode="scores", per_head=None, skip_threshold=None):
+    """A plan for `model`: the same `groups` for every KV head, or `per_head` lists of groups."""
+    sig = model_signature(model, name="tiny")
+    heads = per_head or [groups] * sig.num_kv_heads
+    return Plan(model=sig, sinks=sinks, window=window, blocks=tuple(blocks_from_layers(g) for g in heads),
+                mode=mode, skip_threshold=skip_threshold)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_llama()
