@@ -126,7 +126,8 @@ def _record_padding(cache: PoDCache, mask, seen: int) -> None:
         row_start = (~mask).long().cumprod(dim=1).sum(dim=1)  # leading zeros per row
         if not bool(mask.long().sum(1).eq(mask.shape[1] - row_start).all()):
             raise PlanError("ilc supports left padding only (padding_side='left'): this attention_mask has zeros "
-                            "after real tokens")
+                            "after real tokens. If you did not pass one, generate() built it from pad_token_id, "
+                            "which also occurs inside the prompt; pass attention_mask explicitly")
         cache.set_row_start(row_start)
     elif mask.shape[1] > seen and not bool(mask[:, seen:].all()):
         raise PlanError("ilc supports left padding only: the attention_mask has zeros after the prompt")

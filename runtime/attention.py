@@ -118,7 +118,7 @@ def _dense_part(query, keys, values, view: PoDKeys, scaling):
     """Own-key causal attention for the KV heads this layer anchors (a dense layer for those heads)."""
     b, _, q, _ = query.shape
     t = keys.shape[2]
-    if view.state.row_start is None and view.start == 0:
+    if view.state.row_start is None and (view.start == 0 or q == 1):  # plain causal, or one query sees all keys
         return F.scaled_dot_product_attention(query, keys, values, is_causal=q > 1, scale=scaling, enable_gqa=True)
     rs = _row_start(view, b, query.device)[:, None, None]
     j = torch.arange(t, device=query.device)
@@ -135,6 +135,84 @@ def _dense_part(query, keys, values, view: PoDKeys, scaling):
 
 def _split_part(q_own, q_dist, *, sink_keys, recent_keys, anchor_keys, values, view: PoDKeys, scaling):
     """Follower heads: own sinks + own recent window, anchor's keys for distant slots, one softmax, own values."""
+    state = view.state
+    if state.row_start is None and state.skip_threshold is None and (view.start == 0 or q_own.shape[2] == 1):
+        return _split_fast(q_own, q_dist, sink_keys, recent_keys, anchor_keys, values, view, scaling)
+    return _split_masked(q_own, q_dist, sink_keys=sink_keys, recent_keys=recent_keys, anchor_keys=anchor_keys,
+                         values=values, view=view, scaling=scaling)
+
+
+def _attend(q, k, v, causal: bool, scaling: float):
+    """Attention that also returns the log-sum-exp of each row's logits: (out [B,H,q,D], lse [B,H,q])."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if q.device.type == "cpu" and q.dtype == torch.float32:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scaling)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    if causal:
+        logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
+    lse = logits.logsumexp(-1)
+    return ((logits - lse[..., None]).exp() @ v.float()).to(q.dtype), lse
+
+
+def _split_fast(q_own, q_dist, sink_keys, recent_keys, anchor_keys, values, view: PoDKeys, scaling):
+    """No padding, prefill from slot 0 or a single query: proximal and distant parts separately, merged by LSE.
+
+    The distant part is then an exact causal square (queries from slot sinks + window, keys from slot sinks),
+    which runs on PyTorch's flash kernel instead of a masked softmax over every key.
+    """
+    s, w = view.state.sinks, view.state.window
+    b, nq, q, d = q_own.shape
+    start, total = view.start, view.total
+    out, lse_p = _proximal(q_own, sink_keys, recent_keys, values, view, scaling)
+    first = max(start, s + w)  # first query slot that has distant keys
+    if first >= total:
+        return out
+    qd = q_dist[:, :, first - start:]
+    keys, vals = anchor_keys[:, :, s:total - w], values[:, :, s:total - w]
+    o_d, lse_d = _attend(qd, keys, vals, causal=q > 1, scaling=scaling)
+    lp = lse_p[:, :, first - start:]
+    m = torch.maximum(lp, lse_d)
+    wp, wd = (lp - m).exp()[..., None], (lse_d - m).exp()[..., None]
+    out[:, :, first - start:] = ((out[:, :, first - start:].float() * wp + o_d.float() * wd) / (wp + wd)).to(out.dtype)
+    return out
+
+
+def _proximal(q_own, sink_keys, recent_keys, values, view: PoDKeys, scaling):
+    """Own-key attention over the sinks and the recent window only (no padding); returns (out, lse)."""
+    s, w = view.state.sinks, view.state.window
+    b, nq, q, d = q_own.shape
+    group = nq // values.shape[1]
+    dev = q_own.device
+    out = torch.empty_like(q_own)
+    lse = q_own.new_empty(b, nq, q, dtype=torch.float32)
+    n_sink = min(s, view.total)
+    sink_k = sink_keys[:, :, :n_sink].repeat_interleave(group, dim=1).float()
+    sink_v = values[:, :, :n_sink].repeat_interleave(group, dim=1).float()
+    chunk = 256
+    for c0 in range(0, q, chunk):
+        c1 = min(q, c0 + chunk)
+        i_lo, i_hi = view.start + c0, view.start + c1
+        w_lo = max(view.recent_start, i_lo - w + 1)
+        win_k = recent_keys[:, :, w_lo - view.recent_start:i_hi - view.recent_start].repeat_interleave(group, 1)
+        win_v = values[:, :, w_lo:i_hi].repeat_interleave(group, dim=1)
+        i = torch.arange(i_lo, i_hi, device=dev)[:, None]
+        j = torch.arange(w_lo, i_hi, device=dev)[None, :]
+        mask = torch.cat([torch.arange(n_sink, device=dev)[None, :] <= i, (j <= i) & (j > i - w) & (j >= s)], -1)
+        qc = q_own[:, :, c0:c1].float()
+        logits = torch.cat([qc @ sink_k.transpose(-1, -2), qc @ win_k.float().transpose(-1, -2)], -1) * scaling
+        logits = logits.masked_fill(~mask, float("-inf"))
+        l = logits.logsumexp(-1)
+        p = (logits - l[..., None]).exp()
+        out[:, :, c0:c1] = (p[..., :n_sink] @ sink_v + p[..., n_sink:] @ win_v.float()).to(out.dtype)
+        lse[:, :, c0:c1] = l
+    return out, lse
+
+
+def _split_masked(q_own, q_dist, *, sink_keys, recent_keys, anchor_keys, values, view: PoDKeys, scaling):
+    """General path (left padding, chunked prefill, compute skip): one masked SDPA over all key segments."""
     state = view.state
     b, nq, q, d = q_own.shape
     s, w = state.sinks, state.window

@@ -72,6 +72,7 @@ class Plan:
     criterion: dict = field(default_factory=dict)  # how the blocks were chosen (method, metric, thresholds)
     calibration: dict = field(default_factory=dict)  # provenance: data digest, tokens, versions, settings
     distance_curve: dict = field(default_factory=dict)  # attention mass by distance, for `ilc inspect`
+    similarity: dict = field(default_factory=dict)  # banded similarity matrix per KV head, for `ilc inspect`
 
     def __post_init__(self):
         _validate(self, source="plan")
@@ -177,6 +178,7 @@ class Plan:
             "calibration": dict(self.calibration),
             "estimated_savings": {c: round(self.estimated_saving(c), 4) for c in DEFAULT_REPORT_CONTEXTS},
             "distance_curve": dict(self.distance_curve),
+            "similarity": _flow_rows(self.similarity),
         }
 
     def to_yaml(self) -> str:
@@ -247,6 +249,7 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         criterion=r.get("criterion", dict, optional=True) or {},
         calibration=r.get("calibration", dict, optional=True) or {},
         distance_curve=r.get("distance_curve", dict, optional=True) or {},
+        similarity=r.get("similarity", dict, optional=True) or {},
     )
     try:
         return Plan(**plan_kwargs)
@@ -336,6 +339,13 @@ def _parse_blocks(items: Any, where: str) -> tuple[Block, ...]:
     return tuple(out)
 
 
+def _flow_rows(similarity: dict) -> dict:
+    out = dict(similarity)
+    if "per_head" in out:
+        out["per_head"] = [[_Flow(row) for row in head] for head in out["per_head"]]
+    return out
+
+
 def _block_to_yaml(block: Block) -> dict:
     item: dict[str, Any] = {"layers": _Flow(block.layers)}
     if block.similarity is not None:
@@ -390,4 +400,4 @@ _PlanDumper.add_representer(tuple, lambda d, v: d.represent_sequence("tag:yaml.o
 def blocks_from_layers(groups: Sequence[Sequence[int]], similarities: Iterable[float | None] | None = None) -> tuple[Block, ...]:
     """Blocks for one KV head from lists of layers, e.g. ``[[0], [1, 2, 3], [4, 5]]``."""
     sims = list(similarities) if similarities is not None else [None] * len(groups)
-    return tuple(Block(tuple(int(x) for x in g), s) for g, s in zip(groups, sims))
+    return tuple(Block(tuple(int(x) for x in g), None if s is None else round(float(s), 4)) for g, s in zip(groups, sims))

@@ -1,0 +1,125 @@
+"""Calibration text: read documents, tokenize them, and pack them into fixed-length samples.
+
+`--data` takes .txt files, directories of them (recursively, sorted), or .jsonl files with a ``text`` field.
+Without `--data`, the embedded default corpus is used: public-domain English prose (chapters of Jane
+Austen's *Pride and Prejudice*, Project Gutenberg) shipped inside the package, so it is on the machine after
+install and needs no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+class CalibrationDataError(ValueError):
+    """Calibration data is missing, empty, malformed, or too short for the requested samples."""
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str
+    text: str
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Packed token samples [n, seq_len] plus the provenance the plan records."""
+
+    samples: torch.Tensor
+    description: str
+    digest: str  # sha256 of the documents' text, in reading order
+    documents: int
+    tokens_available: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.samples.numel())
+
+
+def default_corpus() -> list[Document]:
+    folder = resources.files("ilc") / "corpus"
+    docs = [Document(f"ilc/corpus/{f.name}", f.read_text(encoding="utf-8"))
+            for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".txt")]
+    if not docs:
+        raise CalibrationDataError("the embedded default corpus is missing from the installed package")
+    return docs
+
+
+def read_documents(paths: list[str | Path]) -> list[Document]:
+    """Read every .txt / .jsonl under `paths` (files or directories)."""
+    docs: list[Document] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl", ".md"))
+            if not files:
+                raise CalibrationDataError(f"{p}: directory holds no .txt, .md or .jsonl files")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise CalibrationDataError(f"{p}: no such file or directory")
+        for f in files:
+            docs.extend(_read_file(f))
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise CalibrationDataError(f"no text found in {', '.join(map(str, paths))} (all documents are empty)")
+    return docs
+
+
+def _read_file(path: Path) -> list[Document]:
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationDataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CalibrationDataError(f"{path}:{n}: expected an object with a string 'text' field")
+            out.append(Document(f"{path}:{n}", record["text"]))
+        return out
+    try:
+        return [Document(str(path), path.read_text(encoding="utf-8"))]
+    except UnicodeDecodeError:
+        raise CalibrationDataError(f"{path}: not UTF-8 text") from None
+
+
+def pack(docs: list[Document], tokenizer, seq_len: int, max_samples: int | None = None,
+         description: str = "") -> CalibrationSet:
+    """Tokenize documents, join them with EOS, and cut the stream into `seq_len` samples (the rest is dropped)."""
+    if seq_len < 16:
+        raise CalibrationDataError(f"--seq-len must be at least 16, got {seq_len}")
+    digest = hashlib.sha256()
+    stream: list[int] = []
+    sep = tokenizer.eos_token_id
+    for doc in docs:
+        digest.update(doc.text.encode("utf-8"))
+        stream.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            stream.append(sep)
+    n = len(stream) // seq_len
+    if max_samples is not None:
+        n = min(n, max_samples)
+    if n == 0:
+        raise CalibrationDataError(
+            f"calibration data has {len(stream)} tokens, fewer than one sample of --seq-len {seq_len}; "
+            "add text or lower --seq-len"
+        )
+    samples = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return CalibrationSet(samples, description, "sha256:" + digest.hexdigest()[:16], len(docs), len(stream))
+
+
+def load_calibration_set(tokenizer, data: list[str] | None, seq_len: int, max_samples: int | None = None):
+    if data:
+        docs, description = read_documents(data), ", ".join(str(d) for d in data)
+    else:
+        docs, description = default_corpus(), "embedded default corpus (Austen, Pride and Prejudice; public domain)"
+    return pack(docs, tokenizer, seq_len, max_samples, description)

@@ -1,0 +1,138 @@
+"""Group consecutive layers into blocks, per KV head, from a similarity matrix sim[a, f] (anchor a, follower f).
+
+A block's first layer is its anchor; every other layer (a follower) saves its distant keys for that head.
+A block is admissible when it has at most `max_size` layers and (optionally) every follower's similarity to
+the anchor is at least `min_similarity`. Its loss is the sum over followers of (1 - sim[anchor, follower]).
+
+Methods, registered by name:
+- ``paper``: the paper's greedy bottom-up rule: a layer joins the current block while its similarity to the
+  block's anchor is >= the threshold (delta = 0.5 in the paper).
+- ``optimal``: exact. Either the most followers (most bytes saved) under `min_similarity`, as a shortest
+  path on the graph of admissible segments (networkx), ties broken by least loss; or, for a target number of
+  followers over all heads (a target saving), the least total loss, by dynamic programming per head and a
+  knapsack across heads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import networkx as nx
+import numpy as np
+
+Blocks = list[list[int]]
+
+
+def _admissible(sim: np.ndarray, a: int, end: int, max_size: int, min_similarity: float | None) -> bool:
+    if end - a > max_size:
+        return False
+    return min_similarity is None or all(sim[a, f] >= min_similarity for f in range(a + 1, end))
+
+
+def _loss(sim: np.ndarray, a: int, end: int) -> float:
+    return float(sum(1.0 - sim[a, f] for f in range(a + 1, end)))
+
+
+def group_paper(sim: np.ndarray, threshold: float = 0.5, max_size: int | None = None) -> Blocks:
+    """Greedy bottom-up: join the current block while sim(anchor, layer) >= threshold."""
+    n = sim.shape[0]
+    max_size = max_size or n
+    blocks: Blocks = [[0]]
+    for layer in range(1, n):
+        block = blocks[-1]
+        if len(block) < max_size and sim[block[0], layer] >= threshold:
+            block.append(layer)
+        else:
+            blocks.append([layer])
+    return blocks
+
+
+def group_max_saving(sim: np.ndarray, min_similarity: float, max_size: int | None = None) -> Blocks:
+    """Fewest blocks (most followers) with every follower >= min_similarity; ties: least loss."""
+    n = sim.shape[0]
+    max_size = max_size or n
+    big = n + 1.0  # one more block always outweighs any loss difference (loss < n)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(n + 1))
+    for a in range(n):
+        for end in range(a + 1, min(n, a + max_size) + 1):
+            if _admissible(sim, a, end, max_size, min_similarity):
+                graph.add_edge(a, end, weight=big + _loss(sim, a, end))
+    path = nx.shortest_path(graph, 0, n, weight="weight")  # every single layer is admissible: a path exists
+    return [list(range(a, b)) for a, b in zip(path, path[1:])]
+
+
+def loss_by_followers(sim: np.ndarray, max_size: int | None = None,
+                      min_similarity: float | None = None) -> tuple[list[float], list[Blocks | None]]:
+    """For k = 0..n-1 followers: the least loss of a segmentation with exactly k followers, and that segmentation."""
+    n = sim.shape[0]
+    max_size = max_size or n
+    inf = math.inf
+    best = [[inf] * n for _ in range(n + 1)]  # best[i][k]: layers [0, i) with k followers
+    choice: list[list[int | None]] = [[None] * n for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for end in range(1, n + 1):
+        for a in range(max(0, end - max_size), end):
+            if not _admissible(sim, a, end, max_size, min_similarity):
+                continue
+            cost, extra = _loss(sim, a, end), end - a - 1
+            for k in range(0, n - extra):
+                if best[a][k] + cost < best[end][k + extra]:
+                    best[end][k + extra] = best[a][k] + cost
+                    choice[end][k + extra] = a
+    segmentations: list[Blocks | None] = []
+    for k in range(n):
+        if best[n][k] == inf:
+            segmentations.append(None)
+            continue
+        blocks, end, kk = [], n, k
+        while end > 0:
+            a = choice[end][kk]
+            blocks.append(list(range(a, end)))
+            kk -= end - a - 1
+            end = a
+        segmentations.append(blocks[::-1])
+    return best[n], segmentations
+
+
+def group_target(sims: Sequence[np.ndarray], followers_needed: int, max_size: int | None = None,
+                 min_similarity: float | None = None, weight: int = 1) -> list[Blocks]:
+    """Per-head blocks with at least `followers_needed` followers in total (each head's follower counts
+    `weight` times) and the least total loss. Raises ValueError when out of reach."""
+    curves = [loss_by_followers(s, max_size, min_similarity) for s in sims]
+    # knapsack over heads: total[f] = least loss with f followers, keeping each head's k
+    total = {0: (0.0, ())}
+    for losses, _ in curves:
+        nxt: dict[int, tuple[float, tuple]] = {}
+        for f, (cost, picks) in total.items():
+            for k, c in enumerate(losses):
+                if c == math.inf:
+                    continue
+                key = f + k * weight
+                cand = (cost + c, picks + (k,))
+                if key not in nxt or cand[0] < nxt[key][0]:
+                    nxt[key] = cand
+        total = nxt
+    feasible = [(cost, f, picks) for f, (cost, picks) in total.items() if f >= followers_needed]
+    if not feasible:
+        most = max(total)
+        raise ValueError(f"target needs {followers_needed} follower (layer, head) pairs, at most {most} are "
+                         "possible under the group-size and similarity limits")
+    cost, _, picks = min(feasible, key=lambda x: (x[0], x[1]))
+    return [curves[h][1][k] for h, k in enumerate(picks)]
+
+
+def followers_for_saving(saving: float, num_layers: int, num_kv_heads: int, context: int, proximal: int) -> int:
+    """Follower (layer, KV head) pairs needed for `saving` of KV bytes at `context` tokens (paper section 4.4)."""
+    if context <= proximal:
+        raise ValueError(f"the window ({proximal} proximal tokens) covers the whole context {context}: no saving")
+    per_follower = (context - proximal) / (2 * num_layers * num_kv_heads * context)
+    return math.ceil(saving / per_follower - 1e-9)
+
+
+def blocks_min_similarity(sim: np.ndarray, blocks: Blocks) -> list[float | None]:
+    return [min((float(sim[b[0], f]) for f in b[1:]), default=None) for b in blocks]
+
+
+METHODS = ("paper", "optimal")
