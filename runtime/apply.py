@@ -31,9 +31,10 @@ class AppliedPlan:
     hook: torch.utils.hooks.RemovableHandle
     mode: str
     skip_threshold: float | None
+    kernels: bool | None
 
     def new_cache(self) -> PoDCache:
-        return PoDCache(self.plan, mode=self.mode, skip_threshold=self.skip_threshold)
+        return PoDCache(self.plan, mode=self.mode, skip_threshold=self.skip_threshold, kernels=self.kernels)
 
 
 def register_attention() -> None:
@@ -61,8 +62,12 @@ def check_plan_matches(plan: Plan, model, strict: bool = True) -> None:
 
 
 def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: float | None = None,
-               strict: bool = True):
-    """Make `model` run with `plan`'s compressed cache; returns `model`. Undo with `remove_plan(model)`."""
+               strict: bool = True, kernels: bool | None = None):
+    """Make `model` run with `plan`'s compressed cache; returns `model`. Undo with `remove_plan(model)`.
+
+    mode / skip_threshold override the plan's; strict=False accepts other weights with the same config;
+    kernels: None uses the Triton kernels on CUDA and the PyTorch reference elsewhere, True/False forces.
+    """
     check_plan_matches(plan, model, strict=strict)
     mode = mode or plan.mode
     if mode not in ("scores", "keys"):
@@ -73,7 +78,8 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     max_context = getattr(text_config(model.config), "max_position_embeddings", None)
-    applied = AppliedPlan(plan, previous, None, mode, plan.skip_threshold if skip_threshold is None else skip_threshold)
+    applied = AppliedPlan(plan, previous, None, mode,
+                          plan.skip_threshold if skip_threshold is None else skip_threshold, kernels)
 
     def before_forward(module, args, kwargs):
         if module.config._attn_implementation != ATTENTION_NAME:

@@ -38,15 +38,16 @@ def pod_attention(module, query, key, value, attention_mask=None, scaling=None, 
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if state.mode == "scores" and layer.layer_idx in layer.cache.last_reader:
         state.queries[layer.layer_idx] = query
-    if query.is_cuda and not state.force_reference:
-        from ilc.kernels import pod_attention_cuda
+    if state.kernels or (state.kernels is None and query.is_cuda):
+        from ilc.kernels import pod_attention_triton
 
-        out = pod_attention_cuda(query, key, value, scaling)
+        out = pod_attention_triton(query, key, value, scaling)
     else:
         out = reference_attention(query, key, value, scaling)
     for anchor in {a for a in layer.anchors if a != layer.layer_idx}:
         if layer.cache.last_reader.get(anchor) == layer.layer_idx:
             state.queries.pop(anchor, None)
+            state.logits.pop(anchor, None)
     return out.transpose(1, 2).contiguous(), None
 
 

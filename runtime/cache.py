@@ -31,10 +31,12 @@ class CacheState:
     mode: str
     skip_threshold: float | None
     row_start: torch.Tensor | None = None  # [B] first real slot of each row (left padding); None = no padding
+    row_start_min: int = 0  # smallest row start, kept on the host (kernel loop bounds without a device sync)
     queries: dict = field(default_factory=dict)  # anchor layer -> its query of the current forward ("scores" mode)
+    logits: dict = field(default_factory=dict)  # anchor layer -> its decode logits of this step (Triton, "scores")
     skipped_rows: int = 0  # follower query rows whose distant attention was skipped (skip_threshold)
     follower_rows: int = 0
-    force_reference: bool = False  # use the PyTorch reference even on CUDA (kernel tests and benchmarks)
+    kernels: bool | None = None  # Triton kernels: None = on CUDA tensors, True = always, False = never
 
 
 @dataclass
@@ -76,6 +78,7 @@ class PoDLayer(CacheLayerMixin):
         self.anchor_keys: torch.Tensor | None = None  # [B, Ha, cap, D]
         self.sink_keys: torch.Tensor | None = None  # [B, Hf, S, D]
         self.ring_keys: torch.Tensor | None = None  # [B, Hf, min(W, cap), D], slot s at s % W
+        self.kernel_meta: dict = {}  # device -> head-index tensors for the Triton launches (built once)
 
     # ------------------------------------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states, value_states):
@@ -234,13 +237,15 @@ def _resize(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
 class PoDCache(Cache):
     """The compressed KV cache for one `Plan`; one instance per generation (what `generate` owns)."""
 
-    def __init__(self, plan: Plan, mode: str | None = None, skip_threshold: float | None = None):
+    def __init__(self, plan: Plan, mode: str | None = None, skip_threshold: float | None = None,
+                 kernels: bool | None = None):
         self.plan = plan
         self.state = CacheState(
             sinks=plan.sinks,
             window=plan.window,
             mode=mode or plan.mode,
             skip_threshold=plan.skip_threshold if skip_threshold is None else skip_threshold,
+            kernels=kernels,
         )
         table = plan.anchor_table()
         layers = [PoDLayer(i, table[i], self.state, self) for i in range(plan.num_layers)]
@@ -257,21 +262,22 @@ class PoDCache(Cache):
         if row_start is not None and not bool((row_start > 0).any()):
             row_start = None
         self.state.row_start = row_start
+        self.state.row_start_min = 0 if row_start is None else int(row_start.min())
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
         if self.state.row_start is not None:
-            self.state.row_start = self.state.row_start.index_select(0, beam_idx.to(self.state.row_start.device))
+            self.set_row_start(self.state.row_start.index_select(0, beam_idx.to(self.state.row_start.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
         if self.state.row_start is not None:
-            self.state.row_start = self.state.row_start.repeat_interleave(repeats, dim=0)
+            self.set_row_start(self.state.row_start.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
         if self.state.row_start is not None:
-            self.state.row_start = self.state.row_start[indices]
+            self.set_row_start(self.state.row_start[indices])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

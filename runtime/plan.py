@@ -147,6 +147,9 @@ class Plan:
         """A fresh compressed cache for this plan, to pass as `past_key_values=`."""
         from .cache import PoDCache
 
+        applied = getattr(model, "_ilc_applied", None)
+        if applied is not None and applied.plan == self and not kwargs:
+            return applied.new_cache()  # the options given to apply() (mode, skip threshold, kernels)
         return PoDCache(self, **kwargs)
 
     def cache_report(self, cache) -> "CacheReport":  # noqa: F821 - imported lazily
