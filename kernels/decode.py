@@ -64,20 +64,20 @@ def _decode_split(
         q = tl.load(Q + b * s_qb + qh[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
         # sinks: the row's first SINKS real slots (own keys in the sink buffer)
         if SINKS > 0:
-            k_idx = tl.arange(0, BLOCK_S)
-            slot = rs + k_idx
-            ok = (k_idx < SINKS) & (slot < total)
-            k = tl.load(SINK_K + b * s_skb + own * s_skh + k_idx[:, None] * s_skn + d[None, :], mask=ok[:, None],
+            k_idx_sink = tl.arange(0, BLOCK_S)
+            slot_sink = rs + k_idx_sink
+            ok_sink = (k_idx_sink < SINKS) & (slot_sink < total)
+            k_sink = tl.load(SINK_K + b * s_skb + own * s_skh + k_idx_sink[:, None] * s_skn + d[None, :], mask=ok_sink[:, None],
                         other=0.0)
-            v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST) * scaling
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            v_sink = tl.load(V + b * s_vb + kvh * s_vh + slot_sink[:, None] * s_vn + d[None, :], mask=ok_sink[:, None], other=0.0)
+            s_sink = _dot(q, tl.trans(k_sink), UPCAST) * scaling
+            s_sink = tl.where(ok_sink[None, :], s_sink, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_sink, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            pr = tl.exp(s - m_safe[:, None])
+            pr_sink = tl.exp(s_sink - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, UPCAST)
-            l_i = l_i * alpha + tl.sum(pr, 1)
+            acc = acc * alpha[:, None] + _dot(pr_sink.to(v_sink.dtype), v_sink, UPCAST)
+            l_i = l_i * alpha + tl.sum(pr_sink, 1)
             m_i = m_new
         # recent window: slots [max(rs + SINKS, total - WINDOW), total), own keys from RECENT_K
         lo = tl.maximum(rs_min + SINKS, total - WINDOW)
