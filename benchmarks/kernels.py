@@ -38,6 +38,20 @@ def bench(fn, warmup=3, reps=20):
     return triton.testing.do_bench(fn, warmup=warmup * 10, rep=reps * 10, return_mode="median")
 
 
+def graph_ms(fn):
+    """GPU time of `fn` without Python/launch overhead: capture it in a CUDA graph and time the replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
 def copy_bandwidth(dev) -> float:
     x = torch.empty(2**30, dtype=torch.uint8, device=dev)  # 1 GiB, far larger than L2
     x.random_()
@@ -81,8 +95,8 @@ def pod_step(cache, views, scaling):
                 state.logits.pop(a, None)
 
 
-def decode_bytes(plan, ctx, itemsize=2):
-    """Bytes one decode step must read over all layers: dense vs PoD (with scores-mode logits reuse)."""
+def decode_bytes(plan, ctx, itemsize=2, reuse=True):
+    """Bytes one decode step must read over all layers: dense vs PoD (reuse: scores-mode logits, else keys)."""
     d, g, hkv = 128, 4, 8
     dense = plan.num_layers * hkv * ctx * 2 * d * itemsize
     prox = min(ctx, plan.sinks + plan.window)
@@ -90,9 +104,9 @@ def decode_bytes(plan, ctx, itemsize=2):
     for layer, anchors in enumerate(plan.anchor_table()):
         for h, a in enumerate(anchors):
             if a == layer:
-                pod += ctx * 2 * d * itemsize + ctx * g * 4  # K + V, write logits (fp32, G query heads)
-            else:
-                pod += ctx * d * itemsize + prox * d * itemsize + (ctx - prox) * g * 4  # V, own prox K, logits
+                pod += ctx * 2 * d * itemsize + (ctx * g * 4 if reuse else 0)  # K + V (+ write fp32 logits)
+            else:  # own V, own proximal K, then the anchor's logits (reuse) or the anchor's keys
+                pod += ctx * d * itemsize + prox * d * itemsize + (ctx - prox) * (g * 4 if reuse else d * itemsize)
     return dense, pod
 
 
@@ -108,17 +122,27 @@ def run(contexts, out_path):
         kv = [(torch.randn(1, 8, ctx, 128, device=dev, dtype=dtype), torch.randn(1, 8, ctx, 128, device=dev,
                                                                                 dtype=dtype)) for _ in range(32)]
         q1 = torch.randn(1, 32, 1, 128, device=dev, dtype=dtype)
-        dense_dec = bench(lambda: [F.scaled_dot_product_attention(q1, k, v, enable_gqa=True) for k, v in kv])
+        dense_step = lambda: [F.scaled_dot_product_attention(q1, k, v, enable_gqa=True) for k, v in kv]  # noqa
+        dense_dec = bench(dense_step)
+        dense_graph = graph_ms(dense_step)
         del kv
         torch.cuda.empty_cache()
         # ---- decode, PoD
         cache = filled_cache(plan, ctx, dev, dtype)
         views = decode_views(cache, plan, dev, dtype)
         pod_dec = bench(lambda: pod_step(cache, views, scaling))
+        pod_graph = graph_ms(lambda: pod_step(cache, views, scaling))
         held, dense_bytes_cache = cache.nbytes(), cache.dense_bytes()
         del cache, views
         torch.cuda.empty_cache()
+        keys_plan = plan.with_options(mode="keys")  # followers read the anchor's keys: no logits reuse
+        cache = filled_cache(keys_plan, ctx, dev, dtype)
+        views = decode_views(cache, keys_plan, dev, dtype)
+        keys_graph = graph_ms(lambda: pod_step(cache, views, scaling))
+        del cache, views
+        torch.cuda.empty_cache()
         need_dense, need_pod = decode_bytes(plan, ctx)
+        need_keys = decode_bytes(plan, ctx, reuse=False)[1]
         # ---- prefill of ctx tokens for one layer of each kind (anchor layer 0, follower layer 1)
         qp = torch.randn(1, 32, ctx, 128, device=dev, dtype=dtype)
         kp = torch.randn(1, 8, ctx, 128, device=dev, dtype=dtype)
@@ -147,8 +171,11 @@ def run(contexts, out_path):
         dense_pre_model = layers * dense_pre
         rows.append(dict(
             context=ctx, decode_dense_ms=dense_dec, decode_pod_ms=pod_dec, decode_ratio=pod_dec / dense_dec,
-            decode_bytes_dense=need_dense, decode_bytes_pod=need_pod,
-            decode_bw_dense=need_dense / (dense_dec / 1e3) / bw, decode_bw_pod=need_pod / (pod_dec / 1e3) / bw,
+            graph_dense_ms=dense_graph, graph_pod_ms=pod_graph, graph_ratio=pod_graph / dense_graph,
+            graph_keys_ms=keys_graph, keys_ratio=keys_graph / dense_graph,
+            decode_bytes_dense=need_dense, decode_bytes_pod=need_pod, decode_bytes_keys=need_keys,
+            decode_bw_dense=need_dense / (dense_graph / 1e3) / bw, decode_bw_pod=need_pod / (pod_graph / 1e3) / bw,
+            decode_bw_keys=need_keys / (keys_graph / 1e3) / bw,
             prefill_dense_layer_ms=dense_pre, prefill_follower_layer_ms=follower_pre,
             prefill_ratio=pod_pre_model / dense_pre_model, follower_vs_sdpa=follower_pre / dense_pre,
             kv_saving=1 - held / dense_bytes_cache,
@@ -171,15 +198,26 @@ def write_table(rows, bw, out_path):
         "Llama-3.1-8B attention shapes (32 layers, 32/8 heads, d=128, bf16, batch 1); plan: 16 + 4080 proximal "
         "tokens, blocks of 5 layers per KV head, scores mode",
         "",
-        "| context | KV saved | decode dense ms | decode PoD ms | ratio | dense BW | PoD BW | prefill/layer SDPA ms "
-        "| follower layer ms | prefill ratio (model) |",
+        "Decode: one step over 32 layers. 'graph' = CUDA-graph replay (GPU time, no Python launch overhead); "
+        "'eager' = plain Python calls. BW = bytes that must be read / graph time, as a share of the copy bandwidth. "
+        "'keys' = the same plan in keys mode (followers read the anchor's keys, no logits reuse).",
+        "",
+        "| context | KV saved | dense graph ms | PoD graph ms | ratio | keys-mode ratio | dense BW | PoD BW | "
+        "eager dense ms | eager PoD ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['context']} | {r['kv_saving']:.1%} | {r['decode_dense_ms']:.3f} | {r['decode_pod_ms']:.3f} | "
-            f"{r['decode_ratio']:.2f} | {r['decode_bw_dense']:.0%} | {r['decode_bw_pod']:.0%} | "
-            f"{r['prefill_dense_layer_ms']:.2f} | {r['prefill_follower_layer_ms']:.2f} | {r['prefill_ratio']:.2f} |")
+            f"| {r['context']} | {r['kv_saving']:.1%} | {r['graph_dense_ms']:.3f} | {r['graph_pod_ms']:.3f} | "
+            f"{r['graph_ratio']:.2f} | {r['keys_ratio']:.2f} | {r['decode_bw_dense']:.0%} | {r['decode_bw_pod']:.0%} | "
+            f"{r['decode_dense_ms']:.3f} | {r['decode_pod_ms']:.3f} |")
+    lines += ["", "Prefill of the whole context, per layer: SDPA (flash) vs a follower layer (Triton prefill kernel, "
+              "cache update included); model ratio = (anchor layers x SDPA + follower layers x follower) / "
+              "(32 x SDPA).", "", "| context | SDPA layer ms | follower layer ms | follower / SDPA | model ratio |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['prefill_dense_layer_ms']:.2f} | {r['prefill_follower_layer_ms']:.2f} | "
+                     f"{r['follower_vs_sdpa']:.2f} | {r['prefill_ratio']:.2f} |")
     text = "\n".join(lines)
     print(text)
     if out_path:

@@ -89,7 +89,7 @@ def prefill_attention(out, query, q_dist, *, sink_keys, recent_keys, recent_star
     b, hq, q, d = query.shape
     group = hq // values.shape[1]
     cuda = query.device.type == "cuda"
-    block_m, block_n = (64, 64) if cuda else (16, 16)
+    block_m, block_n = (128, 64) if cuda else (16, 16)
     grid = (-(-q // block_m), heads.numel() * group, b)
     _prefill[grid](
         query, q_dist, sink_keys, recent_keys, dist_keys, values, row_start, out, heads, own_pos, dist_pos,
@@ -100,7 +100,7 @@ def prefill_attention(out, query, q_dist, *, sink_keys, recent_keys, recent_star
         dist_keys.stride(0), dist_keys.stride(1), dist_keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         SINKS=sinks, BLOCK_S=max(16, _next_pow2(sinks)), WINDOW=window, GROUP=group, D=d,
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_upcast(values), num_warps=4 if d <= 64 else 8, num_stages=2 if cuda else 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_upcast(values), num_warps=8, num_stages=3 if cuda else 1,
     )
 
 

@@ -22,6 +22,8 @@ def _dot(a, b, UPCAST: tl.constexpr):
     """tl.dot with fp32 accumulation. UPCAST (interpreter only): triton's interpreter mis-multiplies bf16."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), out_dtype=tl.float32)
+    if a.dtype == tl.float32:  # fp32 inputs: exact products, not TF32
+        return tl.dot(a, b, out_dtype=tl.float32, input_precision="ieee")
     return tl.dot(a, b, out_dtype=tl.float32)
 
 

@@ -68,10 +68,28 @@ def _prefill(
 
     i_lo = start + mblock * BLOCK_M
     i_hi = tl.minimum(i_lo + BLOCK_M, start + n_query)  # exclusive
-    # loop bounds use rs_min (host scalar); each row's own start is applied by the `keep` mask below.
+    # loop bounds use rs_min (host scalar); each row's own start is applied by masks.
     # Pad queries (i < rs) attend to pad keys j <= i, so no row is ever empty.
     j_lo = tl.minimum(rs_min + SINKS, i_lo)
-    for j0 in range(j_lo, i_hi, BLOCK_N):
+    # 1) key tiles that are distant for every query of this tile (j <= i_lo - WINDOW): one product, no causal mask
+    n_far = tl.maximum(i_lo - WINDOW + 1 - j_lo, 0) // BLOCK_N
+    far_end = j_lo + n_far * BLOCK_N
+    for j0 in range(j_lo, far_end, BLOCK_N):
+        slot = j0 + tl.arange(0, BLOCK_N)
+        kd = tl.load(DIST_K + b * s_dkb + dpos * s_dkh + slot[:, None] * s_dkn + d[None, :])
+        v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :])
+        s = _dot(qd, tl.trans(kd), UPCAST) * scaling
+        keep = tl.where(real[:, None], slot[None, :] >= rs + SINKS, slot[None, :] < rs)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        pr = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, UPCAST)
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        m_i = m_new
+    # 2) the tiles near the diagonal: proximal, distant or mixed per element
+    for j0 in range(far_end, i_hi, BLOCK_N):
         slot = j0 + tl.arange(0, BLOCK_N)
         kmask = slot < i_hi
         near = (i[:, None] - slot[None, :]) < WINDOW
