@@ -36,17 +36,21 @@ def measure(model, plan, ids, new_tokens: int, label: str):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+        sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
         t = time.perf_counter()
         with torch.no_grad():
             out = model(ids, logits_to_keep=1)
+            sync()
+            prefill = time.perf_counter() - t
             cache = out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
             for _ in range(new_tokens):
                 out = model(nxt, past_key_values=cache, logits_to_keep=1)
                 nxt = out.logits[:, -1:].argmax(-1)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        row = dict(tokens=cache.get_seq_length(), kv_bytes=kv_bytes(cache), seconds=time.perf_counter() - t)
+            sync()
+        row = dict(tokens=cache.get_seq_length(), kv_bytes=kv_bytes(cache), prefill=prefill,
+                   decode=(time.perf_counter() - t) / max(1, new_tokens))
         if ids.is_cuda:
             row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
         rows[name] = row
@@ -55,7 +59,9 @@ def measure(model, plan, ids, new_tokens: int, label: str):
     d, p = rows["dense"], rows["pod"]
     line = (f"{label}: {d['tokens']} tokens: KV dense {d['kv_bytes'] / 2**20:.1f} MiB, PoD {p['kv_bytes'] / 2**20:.1f} "
             f"MiB held = {p['kv_bytes'] / d['kv_bytes']:.3f}x ({1 - p['kv_bytes'] / d['kv_bytes']:.1%} saved; plan "
-            f"estimate {plan.estimated_saving(p['tokens']):.1%})")
+            f"estimate {plan.estimated_saving(p['tokens']):.1%}); prefill {d['prefill']:.2f} s dense vs "
+            f"{p['prefill']:.2f} s PoD ({p['prefill'] / d['prefill']:.2f}x), decode {d['decode'] * 1e3:.0f} vs "
+            f"{p['decode'] * 1e3:.0f} ms/token ({p['decode'] / d['decode']:.2f}x)")
     if "peak_bytes" in d:
         line += (f"; peak allocated during prefill+decode: dense {d['peak_bytes'] / 2**30:.2f} GiB, PoD "
                  f"{p['peak_bytes'] / 2**30:.2f} GiB")

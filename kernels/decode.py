@@ -28,6 +28,17 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
+    """One online-softmax update with logits `s` [rows, keys] (-inf = masked) and values `v` [keys, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet stays empty
+    pr = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, UPCAST)
+    return m_new, l_i * alpha + tl.sum(pr, 1), acc
+
+
+@triton.jit
 def _decode_split(
     Q, QD, SINK_K, RECENT_K, DIST_K, V, LOGITS_IN, LOGITS_OUT, ROW_START, MID_O, MID_LSE,
     HEADS, OWN_POS, DIST_POS,
@@ -74,13 +85,7 @@ def _decode_split(
             v_sink = tl.load(V + b * s_vb + kvh * s_vh + slot_sink[:, None] * s_vn + d[None, :], mask=ok_sink[:, None], other=0.0)
             s_sink = _dot(q, tl.trans(k_sink), UPCAST) * scaling
             s_sink = tl.where(ok_sink[None, :], s_sink, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_sink, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            pr_sink = tl.exp(s_sink - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            acc = acc * alpha[:, None] + _dot(pr_sink.to(v_sink.dtype), v_sink, UPCAST)
-            l_i = l_i * alpha + tl.sum(pr_sink, 1)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(s_sink, v_sink, m_i, l_i, acc, UPCAST)
         # recent window: slots [max(rs + SINKS, total - WINDOW), total), own keys from RECENT_K
         lo = tl.maximum(rs_min + SINKS, total - WINDOW)
         for start in range(lo, total, BLOCK_N):
@@ -91,13 +96,7 @@ def _decode_split(
             v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
             s = _dot(q, tl.trans(k), UPCAST) * scaling
             s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            pr = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, UPCAST)
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
     else:
         lo = dist_lo + (split - first_split) * split_len
         hi = tl.minimum(lo + split_len, dist_hi)
@@ -118,13 +117,7 @@ def _decode_split(
                              mask=gmask[:, None] & ok[None, :])
             s = tl.where(ok[None, :], s, float("-inf"))
             v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            pr = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, UPCAST)
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]

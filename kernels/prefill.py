@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode import _dot
+from .decode import _dot, _softmax_step
 
 
 @triton.jit
@@ -58,13 +58,7 @@ def _prefill(
         s_sink = _dot(q, tl.trans(k_sink), UPCAST) * scaling
         valid_sink = ok_sink[None, :] & (slot_sink[None, :] <= i[:, None]) & real[:, None]
         s_sink = tl.where(valid_sink, s_sink, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_sink, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr_sink = tl.exp(s_sink - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        acc = acc * alpha[:, None] + _dot(pr_sink.to(v_sink.dtype), v_sink, UPCAST)
-        l_i = l_i * alpha + tl.sum(pr_sink, 1)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s_sink, v_sink, m_i, l_i, acc, UPCAST)
 
     i_lo = start + mblock * BLOCK_M
     i_hi = tl.minimum(i_lo + BLOCK_M, start + n_query)  # exclusive
@@ -81,13 +75,7 @@ def _prefill(
         s = _dot(qd, tl.trans(kd), UPCAST) * scaling
         keep = tl.where(real[:, None], slot[None, :] >= rs + SINKS, slot[None, :] < rs)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, UPCAST)
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
     # 2) the tiles near the diagonal: proximal, distant or mixed per element
     for j0 in range(far_end, i_hi, BLOCK_N):
         slot = j0 + tl.arange(0, BLOCK_N)
@@ -107,13 +95,7 @@ def _prefill(
         keep = tl.where(real[:, None], slot[None, :] >= rs + SINKS, slot[None, :] < rs)
         s = tl.where(causal & keep, s, float("-inf"))
         v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=kmask[:, None], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, UPCAST)
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(OUT + b * s_ob + qh * s_oh + rows[:, None] * s_on + d[None, :], out.to(OUT.dtype.element_ty),
