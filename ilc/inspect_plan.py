@@ -90,13 +90,14 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
                 mat[a, a] = 1.0
                 for k, v in enumerate(row):
                     mat[a, a + 1 + k] = v
-        ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", origin="upper")
+        image = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", origin="upper")
         for b in plan.blocks[h]:
             lo, hi = b.layers[0] - 0.5, b.layers[-1] + 0.5
             ax.add_patch(plt.Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="red", linewidth=1.2))
         ax.set_title(f"KV head {h}: {len(plan.blocks[h])} blocks")
         ax.set_xlabel("follower layer")
         ax.set_ylabel("anchor layer")
+    fig.colorbar(image, ax=axes[heads - 1], fraction=0.046, pad=0.04, label="similarity")
     ax = axes[-1]
     cov = plan.distance_curve.get("coverage_by_window", {})
     if cov:

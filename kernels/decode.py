@@ -39,6 +39,18 @@ def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _sink_tile(SINK_K, V, b, own, kvh, rs, total, d, s_skb, s_skh, s_skn, s_vb, s_vh, s_vn,
+               SINKS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Own keys and values of a row's first SINKS real tokens (slots rs .. rs+SINKS-1); `ok` masks missing ones."""
+    idx = tl.arange(0, BLOCK_S)
+    slot = rs + idx
+    ok = (idx < SINKS) & (slot < total)
+    k = tl.load(SINK_K + b * s_skb + own * s_skh + idx[:, None] * s_skn + d[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
+    return k, v, slot, ok
+
+
+@triton.jit
 def _decode_split(
     Q, QD, SINK_K, RECENT_K, DIST_K, V, LOGITS_IN, LOGITS_OUT, ROW_START, MID_O, MID_LSE,
     HEADS, OWN_POS, DIST_POS,
@@ -77,12 +89,8 @@ def _decode_split(
         q = tl.load(Q + b * s_qb + qh[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
         # sinks: the row's first SINKS real slots (own keys in the sink buffer)
         if SINKS > 0:
-            k_idx_sink = tl.arange(0, BLOCK_S)
-            slot_sink = rs + k_idx_sink
-            ok_sink = (k_idx_sink < SINKS) & (slot_sink < total)
-            k_sink = tl.load(SINK_K + b * s_skb + own * s_skh + k_idx_sink[:, None] * s_skn + d[None, :], mask=ok_sink[:, None],
-                        other=0.0)
-            v_sink = tl.load(V + b * s_vb + kvh * s_vh + slot_sink[:, None] * s_vn + d[None, :], mask=ok_sink[:, None], other=0.0)
+            k_sink, v_sink, slot_sink, ok_sink = _sink_tile(SINK_K, V, b, own, kvh, rs, total, d, s_skb, s_skh, s_skn,
+                                                            s_vb, s_vh, s_vn, SINKS, BLOCK_S)
             s_sink = _dot(q, tl.trans(k_sink), UPCAST) * scaling
             s_sink = tl.where(ok_sink[None, :], s_sink, float("-inf"))
             m_i, l_i, acc = _softmax_step(s_sink, v_sink, m_i, l_i, acc, UPCAST)

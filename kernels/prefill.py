@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode import _dot, _softmax_step
+from .decode import _dot, _sink_tile, _softmax_step
 
 
 @triton.jit
@@ -49,12 +49,8 @@ def _prefill(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
     if SINKS > 0:
-        k_idx_sink = tl.arange(0, BLOCK_S)
-        slot_sink = rs + k_idx_sink
-        ok_sink = (k_idx_sink < SINKS) & (slot_sink < total)
-        k_sink = tl.load(SINK_K + b * s_skb + own * s_skh + k_idx_sink[:, None] * s_skn + d[None, :], mask=ok_sink[:, None],
-                    other=0.0)
-        v_sink = tl.load(V + b * s_vb + kvh * s_vh + slot_sink[:, None] * s_vn + d[None, :], mask=ok_sink[:, None], other=0.0)
+        k_sink, v_sink, slot_sink, ok_sink = _sink_tile(SINK_K, V, b, own, kvh, rs, total, d, s_skb, s_skh, s_skn,
+                                                        s_vb, s_vh, s_vn, SINKS, BLOCK_S)
         s_sink = _dot(q, tl.trans(k_sink), UPCAST) * scaling
         valid_sink = ok_sink[None, :] & (slot_sink[None, :] <= i[:, None]) & real[:, None]
         s_sink = tl.where(valid_sink, s_sink, float("-inf"))
