@@ -1,4 +1,4 @@
-"""`ilc`: the command line. `ilc calibrate` writes a plan, `ilc inspect` explains one, `ilc generate` runs one."""
+"""`ilc`: the command line. `calibrate` writes a plan, `inspect` explains one, `eval` scores one, `generate` runs one."""
 
 from __future__ import annotations
 
@@ -35,6 +35,63 @@ def _inspect(args) -> int:
     if args.plot:
         print(f"wrote {plot_plan(plan, args.plot)}")
     return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from ilc.runtime.plan import load_plan
+
+    from .data import read_documents
+    from .evaluate import (METHODS, RULER_TASKS, EvalConfig, build_samples, format_perplexity, format_summary,
+                           plot_niah, run, run_perplexity, summarize)
+    from .models import load_model
+
+    plan = load_plan(args.plan)
+    tasks = ["niah", *RULER_TASKS] if args.all else [t for group in args.task for t in
+                                                     (RULER_TASKS if group == "ruler" else [group])]
+    want_ppl = "ppl" in tasks or args.all
+    tasks = [t for t in tasks if t != "ppl"]
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    model, tokenizer, _ = load_model(args.model or plan.model.name, args.device)
+    config = EvalConfig(lengths=tuple(_tokens(x) for x in args.lengths.split(",")),
+                        depths=tuple(float(x) / 100 for x in args.depths.split(",")),
+                        ruler_depths=tuple(float(x) / 100 for x in args.ruler_depths.split(",")),
+                        max_new_tokens=args.max_new_tokens, limit=args.limit)
+    haystack = read_documents([args.haystack]) if args.haystack else None
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if tasks:
+        samples = build_samples(tasks, tokenizer, config, haystack)
+        records = run(model, tokenizer, plan, methods, samples, args.out, config.max_new_tokens)
+        summary = summarize(records, methods)
+        title = (f"`ilc eval {args.plan}`: {len(samples)} samples ({', '.join(tasks)}) at {args.lengths} tokens, "
+                 f"haystack {args.haystack or 'embedded corpus'}; model {plan.model.name}")
+        text = format_summary(summary, title)
+        Path(args.out, "summary.md").write_text(text + "\n")
+        Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+        print(text)
+        if args.plot and "niah" in tasks:
+            print(f"wrote {plot_niah(records, methods, args.plot)}")
+    if want_ppl:
+        from .data import default_corpus, pack
+
+        docs = read_documents(args.data) if args.data else (haystack or default_corpus())
+        length = max(config.lengths)
+        ids = pack(docs, tokenizer, length, 1).samples
+        ppl = run_perplexity(model, plan, methods, ids, args.out)
+        text = format_perplexity(ppl, f"Perplexity by position, one {length}-token text "
+                                      f"({', '.join(args.data) if args.data else args.haystack or 'embedded corpus'})")
+        Path(args.out, "perplexity.md").write_text(text + "\n")
+        print(text)
+    return 0
+
+
+def _tokens(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
 
 
 def _generate(args) -> int:
@@ -90,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached element (default 2: bf16/fp16)")
     i.add_argument("--plot", help="write a PNG: similarity heatmaps with blocks, and the window curve")
     i.set_defaults(func=_inspect)
+
+    e = sub.add_parser("eval", help="score a plan against the full cache and baselines on long-context tasks")
+    e.add_argument("plan")
+    e.add_argument("--task", nargs="+", default=["niah"], choices=["niah", "ruler", "ppl", "multikey", "multivalue",
+                   "vartrack", "commonwords", "qa"], help="tasks (ruler = all five RULER-style tasks; ppl = "
+                   "perplexity by position on --data)")
+    e.add_argument("--all", action="store_true", help="niah, every RULER-style task, and ppl")
+    e.add_argument("--data", nargs="+", help="text for --task ppl (default: the haystack, else the embedded corpus)")
+    e.add_argument("--lengths", default="2k,4k", help="context lengths, e.g. 1k,2k,4k (default 2k,4k)")
+    e.add_argument("--depths", default="0,25,50,75,100", help="NIAH depths in percent")
+    e.add_argument("--ruler-depths", default="25,50", help="depths of the planted facts for RULER-style tasks")
+    e.add_argument("--methods", help="comma list (default all): " + ", ".join(
+        ["full", "plan", "plan-keys", "streaming", "streaming-equal", "uniform-2", "uniform-3", "uniform-4"]))
+    e.add_argument("--haystack", help="directory of texts (default: the embedded corpus)")
+    e.add_argument("--model", help="model to load (default: the plan's model name)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--limit", type=int, help="at most this many samples per task")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--out", default="eval-out", help="output directory (results.jsonl is resumed)")
+    e.add_argument("--plot", help="write the NIAH heatmaps, one per method, to this PNG")
+    e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="run compressed generation with a plan and print the bytes saved")
     g.add_argument("plan")

@@ -167,7 +167,11 @@ def _split_fast(q_own, q_dist, sink_keys, recent_keys, anchor_keys, values, view
     s, w = view.state.sinks, view.state.window
     b, nq, q, d = q_own.shape
     start, total = view.start, view.total
-    out, lse_p = _proximal(q_own, sink_keys, recent_keys, values, view, scaling)
+    n_sink = min(view.state.sinks, view.total)
+    out, lse_p = proximal_attention(q_own, sink_keys[:, :, :n_sink], values[:, :, :n_sink], recent_keys,
+                                    values[:, :, view.recent_start:view.total], start=view.start,
+                                    recent_start=view.recent_start, sinks=view.state.sinks,
+                                    window=view.state.window, scaling=scaling)
     first = max(start, s + w)  # first query slot that has distant keys
     if first >= total:
         return out
@@ -181,28 +185,33 @@ def _split_fast(q_own, q_dist, sink_keys, recent_keys, anchor_keys, values, view
     return out
 
 
-def _proximal(q_own, sink_keys, recent_keys, values, view: PoDKeys, scaling):
-    """Own-key attention over the sinks and the recent window only (no padding); returns (out, lse)."""
-    s, w = view.state.sinks, view.state.window
-    b, nq, q, d = q_own.shape
-    group = nq // values.shape[1]
-    dev = q_own.device
-    out = torch.empty_like(q_own)
-    lse = q_own.new_empty(b, nq, q, dtype=torch.float32)
-    n_sink = min(s, view.total)
-    sink_k = sink_keys[:, :, :n_sink].repeat_interleave(group, dim=1).float()
-    sink_v = values[:, :, :n_sink].repeat_interleave(group, dim=1).float()
+def proximal_attention(q, sink_keys, sink_values, recent_keys, recent_values, *, start, recent_start, sinks, window,
+                       scaling):
+    """Attention over the sinks and the recent window only (no padding); returns (out, lse).
+
+    q [B, Hq, q, D] at slots [start, start + q); sink_* [B, H, n_sink, D] hold slots [0, n_sink); recent_* hold
+    slots [recent_start, start + q). Used by PoD followers (their proximal part) and by the StreamingLLM baseline.
+    """
+    b, nq, n_q, d = q.shape
+    group = nq // sink_values.shape[1] if sink_values.shape[1] else nq // recent_values.shape[1]
+    dev = q.device
+    out = torch.empty_like(q)
+    lse = q.new_empty(b, nq, n_q, dtype=torch.float32)
+    n_sink = sink_keys.shape[2]
+    sink_k = sink_keys.repeat_interleave(group, dim=1).float()
+    sink_v = sink_values.repeat_interleave(group, dim=1).float()
     chunk = 256
-    for c0 in range(0, q, chunk):
-        c1 = min(q, c0 + chunk)
-        i_lo, i_hi = view.start + c0, view.start + c1
-        w_lo = max(view.recent_start, i_lo - w + 1)
-        win_k = recent_keys[:, :, w_lo - view.recent_start:i_hi - view.recent_start].repeat_interleave(group, 1)
-        win_v = values[:, :, w_lo:i_hi].repeat_interleave(group, dim=1)
+    for c0 in range(0, n_q, chunk):
+        c1 = min(n_q, c0 + chunk)
+        i_lo, i_hi = start + c0, start + c1
+        w_lo = max(recent_start, i_lo - window + 1)
+        win_k = recent_keys[:, :, w_lo - recent_start:i_hi - recent_start].repeat_interleave(group, 1)
+        win_v = recent_values[:, :, w_lo - recent_start:i_hi - recent_start].repeat_interleave(group, dim=1)
         i = torch.arange(i_lo, i_hi, device=dev)[:, None]
         j = torch.arange(w_lo, i_hi, device=dev)[None, :]
-        mask = torch.cat([torch.arange(n_sink, device=dev)[None, :] <= i, (j <= i) & (j > i - w) & (j >= s)], -1)
-        qc = q_own[:, :, c0:c1].float()
+        mask = torch.cat([torch.arange(n_sink, device=dev)[None, :] <= i,
+                          (j <= i) & (j > i - window) & (j >= sinks)], -1)
+        qc = q[:, :, c0:c1].float()
         logits = torch.cat([qc @ sink_k.transpose(-1, -2), qc @ win_k.float().transpose(-1, -2)], -1) * scaling
         logits = logits.masked_fill(~mask, float("-inf"))
         l = logits.logsumexp(-1)

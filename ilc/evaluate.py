@@ -1,0 +1,250 @@
+"""`ilc eval`: what a plan saves and what it loses, against the full cache and baselines, on the same prompts.
+
+For every method and sample it records the generated text, the score (`ilc.tasks.score`), the KV bytes the
+cache holds after the run (measured) against a dense cache of the same tokens, and prefill / decode time.
+Records go to `results.jsonl` in the output directory, one per line, so an interrupted run resumes where it
+stopped. `summary.md` / `summary.json` aggregate them, and `niah.png` shows the NIAH grid per method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ilc.runtime import PoDCache, Plan, remove_plan
+
+from .baselines import StreamingCache, apply_streaming, equal_memory_window, uniform_plan
+from .data import Document
+from .tasks import TaskSample, make_sample, score
+
+METHODS = {
+    "full": "the uncompressed model (dense cache)",
+    "plan": "the plan, scores mode (training-free)",
+    "plan-keys": "the plan in keys mode (own query on the anchor's keys; for adapted models)",
+    "streaming": "StreamingLLM with the plan's sinks and window (distant tokens dropped)",
+    "streaming-equal": "StreamingLLM with the window enlarged to the plan's bytes",
+    "uniform-2": "uniform blocks of 2 layers, the plan's windows",
+    "uniform-3": "uniform blocks of 3 layers, the plan's windows",
+    "uniform-4": "uniform blocks of 4 layers, the plan's windows",
+}
+RULER_TASKS = ("multikey", "multivalue", "vartrack", "commonwords", "qa")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    lengths: tuple[int, ...] = (1024, 2048)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    ruler_depths: tuple[float, ...] = (0.25, 0.5)
+    seeds: tuple[int, ...] = (0,)
+    max_new_tokens: int = 32
+    limit: int | None = None  # at most this many samples per task (quick runs)
+
+
+def build_samples(tasks: list[str], tokenizer, config: EvalConfig, haystack: list[Document] | None
+                  ) -> list[TaskSample]:
+    samples: list[TaskSample] = []
+    for task in tasks:
+        depths = config.depths if task == "niah" else config.ruler_depths
+        batch = [make_sample(task, tokenizer, n, d, s, haystack) for n in config.lengths for d in depths
+                 for s in config.seeds]
+        samples += batch[: config.limit] if config.limit else batch
+    return samples
+
+
+@contextmanager
+def applied(method: str, model, plan: Plan, context: int):
+    """Run `model` as `method` inside the block; restores it after."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    remove = None
+    if method == "plan":
+        plan.apply(model)
+    elif method == "plan-keys":
+        plan.apply(model, mode="keys")
+    elif method.startswith("uniform-"):
+        uniform_plan(plan, int(method.split("-")[1])).apply(model)
+    elif method == "streaming":
+        remove = apply_streaming(model, plan.sinks, plan.window)
+    elif method == "streaming-equal":
+        remove = apply_streaming(model, plan.sinks, equal_memory_window(plan, context))
+    try:
+        yield
+    finally:
+        remove() if remove else remove_plan(model)
+
+
+def kv_bytes(cache) -> int:
+    if isinstance(cache, (PoDCache, StreamingCache)):
+        return cache.nbytes()
+    return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
+               for l in cache.layers)
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> dict:
+    """Greedy decoding with prefill and decode timed apart; returns text, cache bytes and times."""
+    t = time.perf_counter()
+    out = model(input_ids.to(model.device), use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - t
+    cache = out.past_key_values
+    token = out.logits[:, -1:].argmax(-1)
+    generated = [int(token)]
+    t = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        if generated[-1] == tokenizer.eos_token_id:
+            break
+        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        generated.append(int(token))
+    decode = (time.perf_counter() - t) / max(1, len(generated) - 1)
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    tokens = cache.get_seq_length()
+    dense = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * head_dim * model.dtype.itemsize
+    return dict(text=tokenizer.decode(generated, skip_special_tokens=True), kv_bytes=kv_bytes(cache),
+                dense_bytes=dense, tokens=tokens, prefill_s=prefill, decode_ms=decode * 1e3)
+
+
+def record_key(method: str, sample: TaskSample) -> str:
+    return f"{method}|{sample.task}|{sample.length}|{sample.depth}|{sample.meta.get('seed')}"
+
+
+def run(model, tokenizer, plan: Plan, methods: list[str], samples: list[TaskSample], out_dir: str | Path,
+        max_new_tokens: int = 32, progress: bool = True) -> list[dict]:
+    """Evaluate every method on every sample, appending to out_dir/results.jsonl (resumable)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            done[rec["key"]] = rec
+    todo = [(m, s) for m in methods for s in samples if record_key(m, s) not in done]
+    with path.open("a") as f, tqdm(total=len(todo), desc="evaluating", disable=not progress) as bar:
+        for method in methods:
+            for sample in samples:
+                key = record_key(method, sample)
+                if key in done:
+                    continue
+                with applied(method, model, plan, sample.input_ids.shape[1]):
+                    res = generate_greedy(model, tokenizer, sample.input_ids, max_new_tokens)
+                rec = dict(key=key, method=method, task=sample.task, length=sample.length, depth=sample.depth,
+                           seed=sample.meta.get("seed"), answers=list(sample.answers),
+                           score=score(res["text"], sample.answers, sample.rule), **res)
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                done[key] = rec
+                bar.update(1)
+    keys = {record_key(m, s) for m in methods for s in samples}
+    return [r for k, r in done.items() if k in keys]
+
+
+PPL_BUCKETS = (0, 256, 1024, 2048, 4096, 8192, 16384)
+
+
+@torch.no_grad()
+def perplexity_by_position(model, input_ids: torch.Tensor) -> list[float]:
+    """Next-token NLL at every position of one prefill (all logits); list of length T - 1."""
+    ids = input_ids.to(model.device)
+    logits = model(ids, use_cache=True).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
+
+
+def run_perplexity(model, plan: Plan, methods: list[str], input_ids: torch.Tensor, out_dir: str | Path) -> dict:
+    """Perplexity per position bucket for each method on one long text (does loss rise where distant tokens
+    matter?). Writes out_dir/perplexity.json and returns {method: {bucket: ppl}}."""
+    out = {}
+    for method in methods:
+        with applied(method, model, plan, input_ids.shape[1]):
+            nll = perplexity_by_position(model, input_ids)
+        buckets = {}
+        for lo, hi in zip(PPL_BUCKETS, PPL_BUCKETS[1:]):
+            part = nll[lo:hi]
+            if part:
+                buckets[f"{lo}-{min(hi, len(nll))}"] = math.exp(sum(part) / len(part))
+        buckets["all"] = math.exp(sum(nll) / len(nll))
+        out[method] = buckets
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, "perplexity.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def format_perplexity(ppl: dict, title: str) -> str:
+    buckets = list(next(iter(ppl.values())))
+    lines = [title, "", "| method | " + " | ".join(f"tokens {b}" for b in buckets) + " |",
+             "|---|" + "---|" * len(buckets)]
+    for m, row in ppl.items():
+        lines.append(f"| {m} | " + " | ".join(f"{row[b]:.2f}" for b in buckets) + " |")
+    return "\n".join(lines)
+
+
+def summarize(records: list[dict], methods: list[str]) -> dict:
+    """Mean score x 100 per method and task group (niah, ruler), KV saved, times."""
+    out = {}
+    for m in methods:
+        rows = [r for r in records if r["method"] == m]
+        if not rows:
+            continue
+        group = lambda name: [r["score"] for r in rows if (r["task"] == "niah") == (name == "niah")]  # noqa: E731
+        mean = lambda xs: 100 * sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+        out[m] = dict(
+            niah=mean(group("niah")), ruler=mean(group("ruler")), samples=len(rows),
+            kv_saved=1 - sum(r["kv_bytes"] for r in rows) / sum(r["dense_bytes"] for r in rows),
+            prefill_s=sum(r["prefill_s"] for r in rows) / len(rows),
+            decode_ms=sum(r["decode_ms"] for r in rows) / len(rows),
+            per_task={t: mean([r["score"] for r in rows if r["task"] == t]) for t in sorted({r["task"] for r in rows})},
+        )
+    return out
+
+
+def format_summary(summary: dict, title: str) -> str:
+    full = summary.get("full", {})
+    lines = [title, "", "| method | NIAH | RULER | KV saved | prefill s | decode ms/token | per task |",
+             "|---|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        delta = "" if m == "full" or not full else f" ({s['niah'] - full['niah']:+.1f} / {s['ruler'] - full['ruler']:+.1f})"
+        tasks = ", ".join(f"{t} {v:.0f}" for t, v in s["per_task"].items())
+        lines.append(f"| {m}{delta} | {s['niah']:.1f} | {s['ruler']:.1f} | {s['kv_saved']:.1%} | {s['prefill_s']:.2f} | "
+                     f"{s['decode_ms']:.0f} | {tasks} |")
+    lines.append("")
+    lines.append("Scores are mean x 100 (RULER string match); (+x / +y) = difference to the full model on NIAH / RULER. "
+                 "KV saved = 1 - bytes held / dense bytes for the same tokens, measured after each run.")
+    return "\n".join(lines)
+
+
+def plot_niah(records: list[dict], methods: list[str], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    niah = [r for r in records if r["task"] == "niah"]
+    lengths = sorted({r["length"] for r in niah})
+    depths = sorted({r["depth"] for r in niah})
+    shown = [m for m in methods if any(r["method"] == m for r in niah)]
+    fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown) + 1, 3.2), squeeze=False)
+    for ax, m in zip(axes[0], shown):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for r in niah:
+            if r["method"] == m:
+                grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["score"]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        saved = [1 - r["kv_bytes"] / r["dense_bytes"] for r in niah if r["method"] == m]
+        ax.set_title(f"{m}\n{sum(saved) / len(saved):.0%} KV saved", fontsize=9)
+        ax.set_xlabel("context")
+    axes[0][0].set_ylabel("needle depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
