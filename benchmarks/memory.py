@@ -14,16 +14,8 @@ import time
 import torch
 
 
-def kv_bytes(cache) -> int:
-    from ilc.runtime import PoDCache
-
-    if isinstance(cache, PoDCache):
-        return cache.nbytes()
-    return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
-               for l in cache.layers)
-
-
 def measure(model, plan, ids, new_tokens: int, label: str):
+    from ilc.evaluate import kv_bytes
     from ilc.runtime import remove_plan
 
     rows = {}

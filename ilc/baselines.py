@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 from ilc.runtime.attention import pod_mask, proximal_attention
+from ilc.runtime.cache import LogicalLength
 from ilc.runtime.plan import Plan, blocks_from_layers
 
 STREAMING_ATTENTION = "ilc_streaming"
@@ -38,7 +39,7 @@ class StreamingView:
     window: int
 
 
-class StreamingLayer(CacheLayerMixin):
+class StreamingLayer(LogicalLength, CacheLayerMixin):
     """Sinks + a ring of the last `window` slots, for both K and V."""
 
     is_compileable = False
@@ -79,15 +80,6 @@ class StreamingLayer(CacheLayerMixin):
         view = StreamingView(self.sink_k[:, :, :n_sink], self.sink_v[:, :, :n_sink], recent_k, recent_v, start,
                              recent_start, self.sinks, self.window)
         return view, None
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.ring_k, self.ring_v))

@@ -54,11 +54,27 @@ class PoDKeys:
         return self.layer.state
 
 
+class LogicalLength:
+    """Cache-layer bookkeeping for layers that store fewer slots than they have seen: report the logical length
+    (what masks, positions and `generate` must see), never the stored one."""
+
+    seen: int
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
 def _grown(capacity_needed: int) -> int:
     return capacity_needed + max(32, capacity_needed // 128)
 
 
-class PoDLayer(CacheLayerMixin):
+class PoDLayer(LogicalLength, CacheLayerMixin):
     """One layer's storage under a plan: see the module docstring."""
 
     is_compileable = False
@@ -164,15 +180,6 @@ class PoDLayer(CacheLayerMixin):
                 self.sink_keys[b, :, lo - rs:hi - rs] = own[b, :, lo - start:hi - start]
 
     # ------------------------------------------------------------------------------------------ bookkeeping
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.anchors, self.state, self.cache)
 
