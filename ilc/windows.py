@@ -36,9 +36,8 @@ def position_mass(records: list[SampleRecord], upto: int = 64) -> torch.Tensor:
     return torch.stack([r.probs[..., :upto].float().mean(dim=(0, 1, 2)) for r in records]).mean(0)
 
 
-def coverage(records: list[SampleRecord], sinks: int, windows: list[int], per_layer: bool = False) -> torch.Tensor:
-    """Share of attention mass on proximal tokens (j < sinks or i - j < window) for each window; [len(windows)]
-    (or [len(windows), L] with `per_layer`)."""
+def coverage(records: list[SampleRecord], sinks: int, windows: list[int]) -> torch.Tensor:
+    """Share of attention mass on proximal tokens (j < sinks or i - j < window) for each window; [len(windows)]."""
     out = []
     for r in records:
         p = _prefix(r)
@@ -51,7 +50,7 @@ def coverage(records: list[SampleRecord], sinks: int, windows: list[int], per_la
             window_mass = (at_i - before_lo).clamp(min=0)
             sink_mass = p[..., sinks - 1] if sinks > 0 else torch.zeros_like(window_mass)
             mass = sink_mass + window_mass
-            total.append(mass.mean(dim=(1, 2)) if per_layer else mass.mean())
+            total.append(mass.mean())
         out.append(torch.stack(total))
     return torch.stack(out).mean(0)
 
@@ -81,15 +80,16 @@ def choose_windows(records: list[SampleRecord], seq_len: int, sinks: int | None 
         sinks = max(sinks, MIN_SINKS)
     cap = max(16, seq_len // 4)
     grid = sorted({*range(16, cap + 1, 16), cap})
-    cov = coverage(records, sinks, grid)
+    report_grid = [w for w in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if w <= seq_len // 2]
+    wanted = sorted({*grid, *report_grid, *([window] if window is not None else [])})
+    by_window = dict(zip(wanted, coverage(records, sinks, wanted).tolist()))  # one pass over the records
     capped = False
     if window is None:
-        reached = [w for w, c in zip(grid, cov.tolist()) if c >= mass_share]
+        reached = [w for w in grid if by_window[w] >= mass_share]
         window = reached[0] if reached else cap
         capped = not reached
-    chosen = float(coverage(records, sinks, [window])[0])
-    report_grid = [w for w in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if w <= seq_len // 2]
-    report_cov = coverage(records, sinks, report_grid).tolist() if report_grid else []
+    chosen = by_window[window]
+    report_cov = [by_window[w] for w in report_grid]
     curve = {
         "sink_mass": {s: round(float(pos[:s].sum()), 4) for s in (1, 4, 16, 64) if s <= len(pos)},
         "coverage_by_window": {w: round(c, 4) for w, c in zip(report_grid, report_cov)},
