@@ -8,6 +8,9 @@ For each context it times, over all 32 layers of one step:
 and reports ratios, plus decode bytes that must be read / time against the device's measured copy bandwidth.
 
 Run (GPU): python benchmarks/kernels.py --out docs/kernels.md
+Run (CPU, no GPU needed): python benchmarks/kernels.py --host --contexts 8192 --out docs/kernels-host.md
+  counts what one decode step costs on the host, the same on any device: Triton launches, torch ops, bytes the
+  cache update writes, and the Python dispatch time with the kernels stubbed out.
 """
 
 from __future__ import annotations
@@ -92,7 +95,6 @@ def pod_step(cache, views, scaling):
         for a in {a for a in view.layer.anchors if a != layer}:
             if cache.last_reader.get(a) == layer:
                 state.queries.pop(a, None)
-                state.logits.pop(a, None)
 
 
 def decode_bytes(plan, ctx, itemsize=2, reuse=True):
@@ -225,9 +227,112 @@ def write_table(rows, bw, out_path):
             f.write(text + "\n")
 
 
+class _StubKernel:
+    """Stands in for a Triton kernel: counts launches and runs nothing (host cost only)."""
+
+    def __init__(self, counts, name):
+        self.counts, self.name = counts, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return launch
+
+
+def _stub_kernels(counts):
+    """Replace every Triton kernel of ilc.kernels by a counting stub; returns an undo function."""
+    import importlib
+
+    from triton.runtime.jit import KernelInterface
+
+    saved = []
+    for name in ("ilc.kernels", "ilc.kernels.decode", "ilc.kernels.prefill"):
+        module = importlib.import_module(name)
+        for attr, obj in list(vars(module).items()):
+            if isinstance(obj, KernelInterface):
+                saved.append((module, attr, obj))
+                setattr(module, attr, _StubKernel(counts, attr))
+    return lambda: [setattr(m, a, o) for m, a, o in saved]
+
+
+def _op_counter():
+    """A TorchDispatchMode that counts ATen ops and the bytes they write (new tensors, or a copy's source)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        ops = 0
+        bytes_written = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Counter.ops += 1
+            if func._schema.is_mutable:
+                sources = [a for a in list(args[1:]) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+                Counter.bytes_written += max((t.numel() * t.element_size() for t in sources), default=0)
+            elif not func.is_view and isinstance(out, torch.Tensor):
+                Counter.bytes_written += out.numel() * out.element_size()
+            return out
+
+    return Counter
+
+
+def run_host(contexts, out_path, steps=20):
+    """CPU: the host cost of one decode step (32 layers, Llama-3.1-8B shapes), kernels stubbed out."""
+    from ilc.kernels import pod_attention_triton
+
+    dev, dtype = torch.device("cpu"), torch.bfloat16
+    plan = llama8b_plan()
+    scaling = 128 ** -0.5
+    lines = ["| context | Triton launches / step | torch ops / step: attention | torch ops / step: cache update | "
+             "bytes written by the cache update / step | host dispatch µs / step (kernels stubbed) |",
+             "|---|---|---|---|---|---|"]
+    for ctx in contexts:
+        cache = filled_cache(plan, ctx, dev, dtype)
+        counts: dict = {}
+        undo = _stub_kernels(counts)
+        Counter = _op_counter()
+        try:
+            times = []
+            for step in range(steps):
+                counts.clear()
+                Counter.ops = Counter.bytes_written = 0
+                with Counter():
+                    views = decode_views(cache, plan, dev, dtype)  # the cache update of every layer
+                update_ops, update_bytes = Counter.ops, Counter.bytes_written
+                Counter.ops = 0
+                with Counter():
+                    pod_step(cache, views, scaling)
+                attention_ops = Counter.ops
+                t = time.perf_counter()
+                pod_step(cache, views, scaling)
+                times.append(time.perf_counter() - t)
+        finally:
+            undo()
+        launches = sum(counts.values()) // 2  # the last step ran twice (counted, then timed)
+        host_us = sorted(times)[len(times) // 2] * 1e6
+        row = dict(context=ctx, launches=launches, attention_ops=attention_ops, update_ops=update_ops,
+                   update_bytes=update_bytes, host_us=host_us, kernels=dict(counts))
+        print(json.dumps(row), flush=True)
+        lines.append(f"| {ctx} | {launches} | {attention_ops} | {update_ops} | {update_bytes / 2**20:.1f} MiB | "
+                     f"{host_us:.0f} |")
+        del cache
+    text = "\n".join(lines)
+    print(text)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write(text + "\n")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384,32768,65536")
+    ap.add_argument("--host", action="store_true", help="CPU: host cost of a decode step (no GPU needed)")
     ap.add_argument("--out")
     a = ap.parse_args()
-    run([int(c) for c in a.contexts.split(",")], a.out)
+    if a.host:
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        run_host([int(c) for c in a.contexts.split(",")], a.out)
+    else:
+        run([int(c) for c in a.contexts.split(",")], a.out)

@@ -2,16 +2,20 @@
 
 `pod_attention_triton(query, view, values, scaling)` computes the same function as
 `ilc.runtime.attention.reference_attention` for one layer, with
-- decode (one new token): the split-K kernel of `decode.py`. In scores mode an anchor layer writes its logits
-  for the step, and its followers read them instead of the anchor's keys;
+- decode (one new token): the split-K kernel of `decode.py`, one launch for all KV heads of the layer (keys mode:
+  one per anchor whose keys the followers read) plus one merge. In scores mode an anchor writes its logits of the
+  step, and its followers read them instead of the anchor's keys;
 - prefill: the flash kernel of `prefill.py` for follower heads; PyTorch SDPA (FlashAttention) for the heads the
   layer anchors (plain causal attention).
-The compute skip (`skip_threshold`) runs on the reference path.
+Buffers the launches need (split partials, step logits, row starts) live in the cache state and are reused across
+layers and steps, so a decode step allocates only its outputs. The compute skip (`skip_threshold`) runs on the
+reference path.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -39,46 +43,64 @@ def _index(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
-def decode_attention(out, query, q_dist, *, sink_keys, recent_keys, recent_start, dist_keys, values, row_start,
-                     rs_min, heads, own_pos, dist_pos, total, sinks, window, scaling, proximal, logits_in=None,
-                     logits_out=None):
-    """Launch split-K decode for the KV heads `heads` of one layer; writes out[:, their query heads, 0]."""
+def _decode_scratch(state, b, hq, d, nsplit_cap, total, device):
+    """Reused decode buffers: split partials [B, Hq, cap, D] + LSE, and step logits [B, Hq, >= total] (fp32)."""
+    scratch = state.kernel_scratch
+    key = (b, hq, d, nsplit_cap, device)
+    if scratch.get("mid_key") != key:
+        scratch["mid_key"] = key
+        scratch["mid_o"] = torch.empty(b, hq, nsplit_cap, d, dtype=torch.float32, device=device)
+        scratch["mid_lse"] = torch.empty(b, hq, nsplit_cap, dtype=torch.float32, device=device)
+    logits = scratch.get("logits")
+    if logits is None or logits.shape[:2] != (b, hq) or logits.shape[2] < total or logits.device != device:
+        from ilc.runtime.cache import _grown
+
+        scratch["logits"] = torch.empty(b, hq, _grown(total), dtype=torch.float32, device=device)
+        scratch["logits_from"] = {}  # KV head -> (anchor layer, step length) whose logits the buffer holds
+    return scratch["mid_o"], scratch["mid_lse"], scratch["logits"]
+
+
+def decode_attention(out, query, layer, view, values, row_start, scaling):
+    """One decode step of one layer: split-K launches over all its KV heads, then one merge into `out`."""
     from .decode import _decode_merge, _decode_split
 
+    state = layer.state
     b, hq, _, d = query.shape
-    group = hq // values.shape[1]
-    n = heads.numel()
+    hkv = values.shape[1]
+    group = hq // hkv
     dev = query.device
-    dist_len = max(0, total - window - sinks - rs_min) if proximal else total - rs_min
+    total, rs_min = view.total, state.row_start_min
     block_n = 64 if dev.type == "cuda" else 16
-    want = max(1, _programs_target(dev) // max(1, b * n))
-    split_len = max(block_n, -(-dist_len // want))
-    split_len = -(-split_len // block_n) * block_n
-    nsplit = (1 if proximal else 0) + max(1, -(-dist_len // split_len))
-    mid_o = torch.empty(b, hq, nsplit, d, dtype=torch.float32, device=dev)
-    mid_lse = torch.empty(b, hq, nsplit, dtype=torch.float32, device=dev)
-    dummy = values  # any tensor for pointer arguments a branch does not read
-    sk = sink_keys if sink_keys is not None else dummy
-    rk = recent_keys if recent_keys is not None else dummy
-    li = logits_in if logits_in is not None else mid_o
-    lo = logits_out if logits_out is not None else mid_o
-    _decode_split[(b, n, nsplit)](
-        query, q_dist, sk, rk, dist_keys, values, li, lo, row_start, mid_o, mid_lse, heads, own_pos, dist_pos,
-        total, recent_start, rs_min, scaling,
-        query.stride(0), query.stride(1), q_dist.stride(0), q_dist.stride(1),
-        sk.stride(0), sk.stride(1), sk.stride(2), rk.stride(0), rk.stride(1), rk.stride(2),
-        dist_keys.stride(0), dist_keys.stride(1), dist_keys.stride(2), values.stride(0), values.stride(1),
-        values.stride(2), li.stride(0), li.stride(1), lo.stride(0), lo.stride(1),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        SINKS=sinks if proximal else 0, BLOCK_S=max(16, _next_pow2(sinks)), WINDOW=window if proximal else 0,
-        GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=d, BLOCK_N=block_n, split_len=split_len,
-        HAS_PROXIMAL=proximal, READ_LOGITS=logits_in is not None, WRITE_LOGITS=logits_out is not None,
-        UPCAST=_upcast(values),
-    )
-    _decode_merge[(b, n, group)](
-        mid_o, mid_lse, out, heads, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-        mid_lse.stride(1), out.stride(0), out.stride(1), nsplit, GROUP=group, D=d,
-    )
+    want = max(1, _programs_target(dev) // max(1, b * hkv))
+    span = max(1, total - rs_min - state.sinks)  # slots after the sinks, split across programs
+    split_len = -(-max(block_n, -(-span // want)) // block_n) * block_n
+    nsplit = max(1, -(-span // split_len))
+    mid_o, mid_lse, logits = _decode_scratch(state, b, hq, d, want, total, dev)
+    meta = _layer_meta(layer, dev)
+    logits_from = state.kernel_scratch["logits_from"]
+    for h, a in meta.reads_logits:
+        if logits_from.get(h) != (a, total):
+            raise RuntimeError(f"layer {layer.layer_idx}, KV head {h}: the step logits of anchor layer {a} are "
+                               "missing (layers must run in order within one decode step)")
+    dummy = values  # any tensor for pointer arguments a launch does not read
+    anchor_k = layer.anchor_keys if layer.anchor_heads else dummy
+    sink_k = layer.sink_keys if layer.follower_heads and layer.sink_keys.shape[2] else dummy
+    ring_k = layer.ring_keys if layer.follower_heads else dummy
+    for dist_layer, table in meta.decode_launches:
+        dist_k = layer.cache.layers[dist_layer].anchor_keys if dist_layer is not None else dummy
+        _decode_split[(b, table.shape[0], nsplit)](
+            query, anchor_k, sink_k, ring_k, dist_k, values, logits, row_start, mid_o, mid_lse, table,
+            total, rs_min, scaling, split_len, hq,
+            query.stride(0), query.stride(1), anchor_k.stride(0), anchor_k.stride(1), anchor_k.stride(2),
+            sink_k.stride(0), sink_k.stride(1), sink_k.stride(2), ring_k.stride(0), ring_k.stride(1),
+            ring_k.stride(2), dist_k.stride(0), dist_k.stride(1), dist_k.stride(2),
+            values.stride(0), values.stride(1), values.stride(2), logits.stride(0), logits.stride(1),
+            SINKS=state.sinks, BLOCK_S=max(16, _next_pow2(state.sinks)), WINDOW=state.window, GROUP=group,
+            BLOCK_G=max(16, _next_pow2(group)), D=d, BLOCK_N=block_n, NSPLIT_CAP=want, UPCAST=_upcast(values),
+        )
+    for h in meta.writes_logits:
+        logits_from[h] = (layer.layer_idx, total)
+    _decode_merge[(b, hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), nsplit, NSPLIT_CAP=want, D=d)
 
 
 def prefill_attention(out, query, q_dist, *, sink_keys, recent_keys, recent_start, dist_keys, values, row_start,
@@ -104,27 +126,56 @@ def prefill_attention(out, query, q_dist, *, sink_keys, recent_keys, recent_star
     )
 
 
-def _layer_meta(layer, device):
-    """Head-index tensors for one layer's launches, built once per device (no host copies per step)."""
+@dataclass
+class LayerLaunches:
+    """What one layer's launches need that never changes: head tables on the device, built once."""
+
+    decode_launches: list  # (anchor layer whose keys the launch reads, or None; head table int32 [n, 5])
+    reads_logits: list  # (KV head, anchor layer) pairs whose distant logits this layer reads (scores mode)
+    writes_logits: list  # KV heads whose logits this (anchor) layer leaves for its followers
+    prefill_followers: list  # (anchor layer, heads, own positions, positions in the anchor's keys)
+
+
+def _layer_meta(layer, device) -> LayerLaunches:
     from ilc.runtime.attention import follower_groups
 
+    from .decode import ANCHOR, FOLLOWER_KEYS, FOLLOWER_LOGITS
+
     meta = layer.kernel_meta.get(device)
-    if meta is None:
-        n = len(layer.anchor_heads)
-        anchor = (_index(layer.anchor_heads, device), _index(list(range(n)), device)) if n else None
-        followers = []
-        for a, positions in follower_groups(layer).items():
-            heads = [layer.follower_heads[p] for p in positions]
-            dist_pos = [layer.cache.layers[a].anchor_heads.index(h) for h in heads]
-            followers.append((a, _index(heads, device), _index(positions, device), _index(dist_pos, device)))
-        meta = layer.kernel_meta[device] = (anchor, followers)
+    if meta is not None:
+        return meta
+    cache, i = layer.cache, layer.layer_idx
+    scores = layer.state.mode == "scores"
+    later = [other.anchors for other in cache.layers[i + 1:]]
+    writes = [h for h in layer.anchor_heads if any(anchors[h] == i for anchors in later)]
+    anchor_rows = [(h, ANCHOR.value, pos, 0, int(h in writes)) for pos, h in enumerate(layer.anchor_heads)]
+    groups = follower_groups(layer)
+    prefill, by_source, reads = [], {}, []
+    for a, positions in groups.items():
+        heads = [layer.follower_heads[p] for p in positions]
+        dist_pos = [cache.layers[a].anchor_heads.index(h) for h in heads]
+        prefill.append((a, _index(heads, device), _index(positions, device), _index(dist_pos, device)))
+        kind = FOLLOWER_LOGITS.value if scores else FOLLOWER_KEYS.value
+        rows = [(h, kind, p, dp, 0) for h, p, dp in zip(heads, positions, dist_pos)]
+        by_source.setdefault(None if scores else a, []).extend(rows)
+        reads += [(h, a) for h in heads] if scores else []
+    sources = list(by_source) or [None]
+    by_source.setdefault(sources[0], [])
+    by_source[sources[0]] = anchor_rows + by_source[sources[0]]  # anchor heads ride in the first launch
+    launches = [(src, _index(rows, device)) for src, rows in by_source.items() if rows]
+    meta = layer.kernel_meta[device] = LayerLaunches(launches, reads, writes, prefill)
     return meta
 
 
-def _row_start(state, b, device):
+def _row_start(state, b, device) -> torch.Tensor:
+    """Each row's first real slot as int32 on `device`; the no-padding zeros are built once per batch size."""
     if state.row_start is not None:
         return state.row_start.to(device=device, dtype=torch.int32)
-    return torch.zeros(b, dtype=torch.int32, device=device)
+    key = ("zeros", b, device)
+    zeros = state.kernel_scratch.get(key)
+    if zeros is None:
+        zeros = state.kernel_scratch[key] = torch.zeros(b, dtype=torch.int32, device=device)
+    return zeros
 
 
 def pod_attention_triton(query, view, values, scaling):
@@ -135,39 +186,22 @@ def pod_attention_triton(query, view, values, scaling):
     if state.skip_threshold is not None:
         return reference_attention(query, view, values, scaling)
     b, hq, q, d = query.shape
-    group = hq // values.shape[1]
     dev = query.device
     row_start = _row_start(state, b, dev)
-    rs_min = state.row_start_min
-    anchor_meta, follower_meta = _layer_meta(layer, dev)
     out = torch.empty_like(query)
-    decode = q == 1
-    scores = state.mode == "scores"
-    if anchor_meta is not None:
+    if q == 1:
+        decode_attention(out, query, layer, view, values, row_start, scaling)
+        return out
+    group = hq // values.shape[1]
+    if layer.anchor_heads:
         heads = layer.anchor_heads
-        if decode:
-            writes = scores and layer.layer_idx in layer.cache.last_reader
-            logits = torch.empty(b, hq, view.total, dtype=torch.float32, device=dev) if writes else None
-            heads_t, local_t = anchor_meta
-            decode_attention(out, query, query, sink_keys=None, recent_keys=None, recent_start=0,
-                             dist_keys=layer.anchor_keys, values=values, row_start=row_start, rs_min=rs_min,
-                             heads=heads_t, own_pos=local_t, dist_pos=local_t, total=view.total,
-                             sinks=0, window=0, scaling=scaling, proximal=False, logits_out=logits)
-            if writes:
-                state.logits[layer.layer_idx] = logits
-        else:
-            qi = query_heads(heads, group)
-            out[:, qi] = _dense_part(query[:, qi], layer.anchor_keys[:, :, :view.total], values[:, heads], view,
-                                     scaling)
-    for anchor, heads_t, own_t, dist_t in follower_meta:
+        qi = query_heads(heads, group)
+        out[:, qi] = _dense_part(query[:, qi], layer.anchor_keys[:, :, :view.total], values[:, heads], view, scaling)
+    for anchor, heads_t, own_t, dist_t in _layer_meta(layer, dev).prefill_followers:
         q_dist = query if state.mode == "keys" else state.queries[anchor]
-        common = dict(sink_keys=layer.sink_keys, recent_keys=view.recent_keys, recent_start=view.recent_start,
-                      dist_keys=layer.cache.layers[anchor].anchor_keys, values=values, row_start=row_start,
-                      rs_min=rs_min, heads=heads_t, own_pos=own_t, dist_pos=dist_t, sinks=state.sinks,
-                      window=state.window, scaling=scaling)
-        if decode:
-            decode_attention(out, query, q_dist, total=view.total, proximal=True,
-                             logits_in=state.logits.get(anchor) if scores else None, **common)
-        else:
-            prefill_attention(out, query, q_dist, start=view.start, total=view.total, **common)
+        prefill_attention(out, query, q_dist, sink_keys=layer.sink_keys, recent_keys=view.recent_keys,
+                          recent_start=view.recent_start, dist_keys=layer.cache.layers[anchor].anchor_keys,
+                          values=values, row_start=row_start, rs_min=state.row_start_min, heads=heads_t,
+                          own_pos=own_t, dist_pos=dist_t, start=view.start, total=view.total, sinks=state.sinks,
+                          window=state.window, scaling=scaling)
     return out

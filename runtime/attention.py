@@ -47,7 +47,6 @@ def pod_attention(module, query, key, value, attention_mask=None, scaling=None, 
     for anchor in {a for a in layer.anchors if a != layer.layer_idx}:
         if layer.cache.last_reader.get(anchor) == layer.layer_idx:
             state.queries.pop(anchor, None)
-            state.logits.pop(anchor, None)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -33,7 +33,7 @@ class CacheState:
     row_start: torch.Tensor | None = None  # [B] first real slot of each row (left padding); None = no padding
     row_start_min: int = 0  # smallest row start, kept on the host (kernel loop bounds without a device sync)
     queries: dict = field(default_factory=dict)  # anchor layer -> its query of the current forward ("scores" mode)
-    logits: dict = field(default_factory=dict)  # anchor layer -> its decode logits of this step (Triton, "scores")
+    kernel_scratch: dict = field(default_factory=dict)  # buffers the Triton kernels reuse across layers and steps
     skipped_rows: int = 0  # follower query rows whose distant attention was skipped (skip_threshold)
     follower_rows: int = 0
     kernels: bool | None = None  # Triton kernels: None = on CUDA tensors, True = always, False = never
@@ -46,12 +46,20 @@ class PoDKeys:
     layer: "PoDLayer"
     start: int  # slot of the first new token
     total: int  # slots after this update
-    recent_keys: torch.Tensor | None  # [B, Hf, n, D] own keys of follower heads for slots [recent_start, total)
-    recent_start: int
+    recent_start: int  # first slot any new query sees through its window
+    chunk_recent: torch.Tensor | None = None  # recent keys of a multi-token update (the ring has dropped some)
 
     @property
     def state(self) -> CacheState:
         return self.layer.state
+
+    @property
+    def recent_keys(self) -> torch.Tensor | None:
+        """[B, Hf, n, D] own keys of follower heads for slots [recent_start, total). A one-token update copies
+        them out of the ring only if asked: the Triton decode kernel reads the ring in place."""
+        if self.chunk_recent is None and self.layer.follower_heads:
+            self.chunk_recent = self.layer._ring_read(self.recent_start, self.total)
+        return self.chunk_recent
 
 
 class LogicalLength:
@@ -142,12 +150,13 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if self.follower_heads:
             own = key_states[:, self.follower_heads]
             recent_start = max(0, start - self.state.window + 1)
-            old = self._ring_read(recent_start, start)
-            recent = torch.cat([old, own], dim=2) if old.shape[2] else own
+            if n > 1:  # read what the chunk's queries need before the ring write drops it
+                old = self._ring_read(recent_start, start)
+                recent = torch.cat([old, own], dim=2) if old.shape[2] else own
             self._store_sinks(own, start)
             self._ring_write(own, start)
         self.seen = total
-        return PoDKeys(self, start, total, recent, recent_start), self.values[:, :, :total]
+        return PoDKeys(self, start, total, recent_start, recent), self.values[:, :, :total]
 
     def _ring_slots(self, lo: int, hi: int) -> torch.Tensor:
         return torch.arange(lo, hi, device=self.device) % self.state.window

@@ -90,3 +90,62 @@ def test_generate_through_kernels_matches_reference():
                                                    pad_token_id=0)
     assert (outs[True] - outs[False]).abs().max() < 1e-4
     assert torch.equal(outs["genTrue"], outs["genFalse"])
+
+
+class _CountingKernel:
+    """Wraps a Triton kernel: counts launches, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("mode, split_launches", [("scores", 1), ("keys", 2)])
+def test_decode_launches_per_layer(monkeypatch, mode, split_launches):
+    """A layer whose heads anchor, follow layer 0 and follow layer 1 decodes in one split launch and one merge
+    (scores mode); keys mode needs one split launch per anchor whose keys it reads."""
+    import ilc.kernels.decode as decode
+
+    model = tiny_llama(layers=3, heads=6, kv_heads=3)
+    plan = make_plan(model, None, sinks=2, window=6, mode=mode,
+                     per_head=[[[0, 1, 2]], [[0], [1, 2]], [[0, 1], [2]]])  # layer 2: follows 0 and 1, anchors h2
+    split, merge = _CountingKernel(decode._decode_split), _CountingKernel(decode._decode_merge)
+    monkeypatch.setattr(decode, "_decode_split", split)
+    monkeypatch.setattr(decode, "_decode_merge", merge)
+    cache = PoDCache(plan, mode=mode)
+    torch.manual_seed(0)
+    for n in (20, 1):
+        for layer in range(3):
+            k, v = torch.randn(2, 3, n, 64, device=DEVICE), torch.randn(2, 3, n, 64, device=DEVICE)
+            q = torch.randn(2, 6, n, 64, device=DEVICE)
+            view, values = cache.update(k, v, layer)
+            if mode == "scores" and layer in cache.last_reader:
+                cache.state.queries[layer] = q
+            split.launches = merge.launches = 0
+            got = pod_attention_triton(q, view, values, 0.125)
+            if n == 1:
+                assert view.chunk_recent is None, "decode reads the ring in place: no copy of the window"
+                assert merge.launches == 1
+                assert split.launches == (split_launches if layer == 2 else 1)
+                want = reference_attention(q, view, values, 0.125)
+                assert (got - want).abs().max() < 1e-4
+
+
+def test_follower_without_its_anchor_this_step_fails_loudly():
+    model = tiny_llama(layers=2, heads=4, kv_heads=2)
+    plan = make_plan(model, [[0, 1]], sinks=2, window=4)
+    cache = PoDCache(plan)
+    torch.manual_seed(0)
+    for layer in range(2):
+        k = torch.randn(1, 2, 12, 64, device=DEVICE)
+        view, values = cache.update(k, k, layer)
+        cache.state.queries[layer] = q = torch.randn(1, 4, 12, 64, device=DEVICE)
+        pod_attention_triton(q, view, values, 0.125)
+    k = torch.randn(1, 2, 1, 64, device=DEVICE)
+    cache.update(k, k, 0)  # the anchor's step is stored but its attention never runs
+    view, values = cache.update(k, k, 1)
+    with pytest.raises(RuntimeError, match="step logits of anchor layer 0"):
+        pod_attention_triton(torch.randn(1, 4, 1, 64, device=DEVICE), view, values, 0.125)
