@@ -63,24 +63,31 @@ def copy_bandwidth(dev) -> float:
     return 2 * x.numel() / (ms / 1e3)  # bytes read + written per second
 
 
+def _shape(plan):
+    m = plan.model
+    return m.num_attention_heads, m.num_kv_heads, m.head_dim
+
+
 def filled_cache(plan, ctx, dev, dtype):
     from ilc.runtime import PoDCache
 
+    _, hkv, d = _shape(plan)
     cache = PoDCache(plan)
     g = torch.Generator(device=dev).manual_seed(0)
     for layer in range(plan.num_layers):
-        k = torch.randn(1, 8, ctx - 1, 128, device=dev, dtype=dtype, generator=g)
+        k = torch.randn(1, hkv, ctx - 1, d, device=dev, dtype=dtype, generator=g)
         cache.update(k, torch.randn_like(k), layer)
     return cache
 
 
 def decode_views(cache, plan, dev, dtype):
     """Append one token per layer; return per-layer (query, view, values) for the timed attention calls."""
+    hq, hkv, d = _shape(plan)
     out = []
     for layer in range(plan.num_layers):
-        k = torch.randn(1, 8, 1, 128, device=dev, dtype=dtype)
+        k = torch.randn(1, hkv, 1, d, device=dev, dtype=dtype)
         view, values = cache.update(k, torch.randn_like(k), layer)
-        out.append((torch.randn(1, 32, 1, 128, device=dev, dtype=dtype), view, values))
+        out.append((torch.randn(1, hq, 1, d, device=dev, dtype=dtype), view, values))
     return out
 
 
@@ -276,14 +283,16 @@ def _op_counter():
     return Counter
 
 
-def run_host(contexts, out_path, steps=20):
-    """CPU: the host cost of one decode step (32 layers, Llama-3.1-8B shapes), kernels stubbed out."""
-    from ilc.kernels import pod_attention_triton
+def run_host(contexts, out_path, plan_path=None, steps=20):
+    """CPU: the host cost of one decode step (every layer), kernels stubbed out. Default plan: Llama-3.1-8B
+    shapes with blocks of 5; `plan_path`: a committed plan (random K/V of its model's shapes)."""
+    from ilc.runtime import load_plan
 
     dev, dtype = torch.device("cpu"), torch.bfloat16
-    plan = llama8b_plan()
-    scaling = 128 ** -0.5
-    lines = ["| context | Triton launches / step | torch ops / step: attention | torch ops / step: cache update | "
+    plan = load_plan(plan_path) if plan_path else llama8b_plan()
+    scaling = plan.model.head_dim ** -0.5
+    lines = [f"plan: {plan_path or 'Llama-3.1-8B shapes, 16 + 4080, blocks of 5'}; {plan.num_layers} layers", "",
+             "| context | Triton launches / step | torch ops / step: attention | torch ops / step: cache update | "
              "bytes written by the cache update / step | host dispatch µs / step (kernels stubbed) |",
              "|---|---|---|---|---|---|"]
     for ctx in contexts:
@@ -327,12 +336,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384,32768,65536")
     ap.add_argument("--host", action="store_true", help="CPU: host cost of a decode step (no GPU needed)")
+    ap.add_argument("--plan", help="--host: a plan file instead of the Llama-3.1-8B-shaped plan")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.host:
         import os
 
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        run_host([int(c) for c in a.contexts.split(",")], a.out)
+        run_host([int(c) for c in a.contexts.split(",")], a.out, a.plan)
     else:
         run([int(c) for c in a.contexts.split(",")], a.out)
