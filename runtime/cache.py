@@ -32,6 +32,7 @@ class CacheState:
     skip_threshold: float | None
     row_start: torch.Tensor | None = None  # [B] first real slot of each row (left padding); None = no padding
     row_start_min: int = 0  # smallest row start, kept on the host (kernel loop bounds without a device sync)
+    row_start_max: int = 0  # largest row start, on the host (when every row's sinks are stored)
     queries: dict = field(default_factory=dict)  # anchor layer -> its query of the current forward ("scores" mode)
     kernel_scratch: dict = field(default_factory=dict)  # buffers the Triton kernels reuse across layers and steps
     skipped_rows: int = 0  # follower query rows whose distant attention was skipped (skip_threshold)
@@ -113,6 +114,8 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if self.follower_heads:
             self.sink_keys = key_states.new_zeros(b, len(self.follower_heads), self.state.sinks, d)
             self.ring_keys = key_states.new_zeros(b, len(self.follower_heads), 0, d)
+        self._anchor_select = _head_selector(self.anchor_heads, self.device)
+        self._follower_select = _head_selector(self.follower_heads, self.device)
         self.is_initialized = True
 
     def _reserve(self, total: int) -> None:
@@ -145,10 +148,10 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         self._reserve(total)
         self.values[:, :, start:total] = value_states
         if self.anchor_heads:
-            self.anchor_keys[:, :, start:total] = key_states[:, self.anchor_heads]
+            self.anchor_keys[:, :, start:total] = key_states[:, self._anchor_select]
         recent, recent_start = None, total
         if self.follower_heads:
-            own = key_states[:, self.follower_heads]
+            own = key_states[:, self._follower_select]
             recent_start = max(0, start - self.state.window + 1)
             if n > 1:  # read what the chunk's queries need before the ring write drops it
                 old = self._ring_read(recent_start, start)
@@ -167,10 +170,15 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         return self.ring_keys.index_select(2, self._ring_slots(lo, hi))
 
     def _ring_write(self, own: torch.Tensor, start: int) -> None:
-        n = own.shape[2]
-        keep = min(n, self.state.window)
-        lo = start + n - keep
-        self.ring_keys.index_copy_(2, self._ring_slots(lo, start + n), own[:, :, n - keep:])
+        """Store the last `window` of the new keys at ring slots (slot % window): at most two slice copies."""
+        n, w = own.shape[2], self.state.window
+        keep = min(n, w)
+        src = own[:, :, n - keep:]
+        first = (start + n - keep) % w
+        head = min(keep, w - first)
+        self.ring_keys[:, :, first:first + head] = src[:, :, :head]
+        if keep > head:  # wrapped past the end of the ring
+            self.ring_keys[:, :, :keep - head] = src[:, :, head:]
 
     def _store_sinks(self, own: torch.Tensor, start: int) -> None:
         """Copy the keys of each row's first `sinks` real tokens that arrive in this update."""
@@ -178,6 +186,8 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if s == 0:
             return
         row_start = self.state.row_start
+        if start >= self.state.row_start_max + s:  # every row's sinks are stored (no device read needed)
+            return
         if row_start is None:
             if start < s:
                 m = min(s, start + own.shape[2]) - start
@@ -243,6 +253,14 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         return 2 * b * h * self.seen * d * self.values.element_size()
 
 
+def _head_selector(heads: list[int], device) -> slice | torch.Tensor:
+    """Index for picking `heads` out of [B, H, ...]: a slice (a view, no copy) when they are consecutive, else a
+    device index tensor built once (not a host list turned into a tensor on every update)."""
+    if heads and heads == list(range(heads[0], heads[-1] + 1)):
+        return slice(heads[0], heads[-1] + 1)
+    return torch.tensor(heads, dtype=torch.long, device=device)
+
+
 def _resize(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
     out = t.new_zeros(*t.shape[:2], capacity, t.shape[-1])
     if used:
@@ -279,6 +297,7 @@ class PoDCache(Cache):
             row_start = None
         self.state.row_start = row_start
         self.state.row_start_min = 0 if row_start is None else int(row_start.min())
+        self.state.row_start_max = 0 if row_start is None else int(row_start.max())
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
