@@ -150,32 +150,35 @@ def _layer_meta(layer, device) -> LayerLaunches:
     writes = [h for h in layer.anchor_heads if any(anchors[h] == i for anchors in later)]
     anchor_rows = [(h, ANCHOR.value, pos, 0, int(h in writes)) for pos, h in enumerate(layer.anchor_heads)]
     groups = follower_groups(layer)
-    prefill, by_source, reads = [], {}, []
+    # decode launches by the anchor keys they read: scores-mode followers read logits, so one launch (None) serves
+    # every head; keys mode needs one per anchor. The layer's own anchor heads ride in the first launch.
+    first = None if scores or not groups else next(iter(groups))
+    by_source = {first: anchor_rows}
+    prefill, reads = [], []
     for a, positions in groups.items():
         heads = [layer.follower_heads[p] for p in positions]
         dist_pos = [cache.layers[a].anchor_heads.index(h) for h in heads]
         prefill.append((a, _index(heads, device), _index(positions, device), _index(dist_pos, device)))
         kind = FOLLOWER_LOGITS.value if scores else FOLLOWER_KEYS.value
-        rows = [(h, kind, p, dp, 0) for h, p, dp in zip(heads, positions, dist_pos)]
-        by_source.setdefault(None if scores else a, []).extend(rows)
-        reads += [(h, a) for h in heads] if scores else []
-    sources = list(by_source) or [None]
-    by_source.setdefault(sources[0], [])
-    by_source[sources[0]] = anchor_rows + by_source[sources[0]]  # anchor heads ride in the first launch
+        by_source.setdefault(None if scores else a, []).extend(
+            (h, kind, p, dp, 0) for h, p, dp in zip(heads, positions, dist_pos))
+        if scores:
+            reads += [(h, a) for h in heads]
     launches = [(src, _index(rows, device)) for src, rows in by_source.items() if rows]
     meta = layer.kernel_meta[device] = LayerLaunches(launches, reads, writes, prefill)
     return meta
 
 
 def _row_start(state, b, device) -> torch.Tensor:
-    """Each row's first real slot as int32 on `device`; the no-padding zeros are built once per batch size."""
-    if state.row_start is not None:
-        return state.row_start.to(device=device, dtype=torch.int32)
-    key = ("zeros", b, device)
-    zeros = state.kernel_scratch.get(key)
-    if zeros is None:
-        zeros = state.kernel_scratch[key] = torch.zeros(b, dtype=torch.int32, device=device)
-    return zeros
+    """Each row's first real slot as int32 on `device`, converted once per change of the row starts (or batch
+    size, for the no-padding zeros) rather than on every layer call."""
+    scratch = state.kernel_scratch
+    source = state.row_start
+    key = (b, device)
+    if scratch.get("row_start_key") != key or scratch.get("row_start_of") is not source:
+        rows = torch.zeros(b, dtype=torch.int32, device=device) if source is None else source.to(device, torch.int32)
+        scratch.update(row_start_key=key, row_start_of=source, row_start=rows)
+    return scratch["row_start"]
 
 
 def pod_attention_triton(query, view, values, scaling):
