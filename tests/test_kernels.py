@@ -67,6 +67,16 @@ def test_bfloat16_inputs_accumulate_in_fp32():
     assert err < TOLERANCE[torch.bfloat16], err
 
 
+@pytest.mark.parametrize("sinks, window, b", [(20, 64, 2), (3, 5, 4)])
+def test_window_covering_context_many_sinks_and_one_split(sinks, window, b):
+    """Window longer than the context (nothing distant), more sinks than a 16-slot tile, and a batch large enough
+    that each KV head gets a single split (no merge across splits)."""
+    model = tiny_llama(layers=3, heads=4, kv_heads=2)
+    plan = make_plan(model, None, sinks=sinks, window=window, per_head=[[[0, 1, 2]], [[0], [1, 2]]])
+    err = run_layers(plan, "scores", torch.float32, 64, None, chunks=[40, 1, 1], b=b)
+    assert err < TOLERANCE[torch.float32], err
+
+
 def test_mqa_and_no_sinks():
     model = tiny_llama(layers=2, heads=4, kv_heads=1)
     plan = make_plan(model, [[0, 1]], sinks=0, window=4)
