@@ -147,7 +147,8 @@ def _layer_meta(layer, device) -> LayerLaunches:
     cache, i = layer.cache, layer.layer_idx
     scores = layer.state.mode == "scores"
     later = [other.anchors for other in cache.layers[i + 1:]]
-    writes = [h for h in layer.anchor_heads if any(anchors[h] == i for anchors in later)]
+    # scores mode: an anchor head with followers leaves its logits of the step for them (keys mode: nobody reads them)
+    writes = [h for h in layer.anchor_heads if scores and any(anchors[h] == i for anchors in later)]
     anchor_rows = [(h, ANCHOR.value, pos, 0, int(h in writes)) for pos, h in enumerate(layer.anchor_heads)]
     groups = follower_groups(layer)
     # decode launches by the anchor keys they read: scores-mode followers read logits, so one launch (None) serves

@@ -142,6 +142,8 @@ def test_decode_launches_per_layer(monkeypatch, mode, split_launches):
                 assert split.launches == (split_launches if layer == 2 else 1)
                 want = reference_attention(q, view, values, 0.125)
                 assert (got - want).abs().max() < 1e-4
+    written = cache.state.kernel_scratch["logits_from"]
+    assert set(written) == ({0, 1, 2} if mode == "scores" else set()), "only scores-mode anchors leave logits"
 
 
 def test_follower_without_its_anchor_this_step_fails_loudly():
