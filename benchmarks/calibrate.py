@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import emit_table
+
 SAMPLES = 2
 CHILD = r"""
 import json, resource, sys, time, torch
@@ -64,10 +66,7 @@ def main(lengths, out):
         lines.append(f"| {n} | {f['seconds']:.1f} | {c['seconds']:.1f} | {c['seconds'] / f['seconds']:.2f} | "
                      f"{f['peak_gib']:.2f} | {c['peak_gib']:.2f} | {eager} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        Path(out).write_text(text + "\n")
+    emit_table(lines, out)
 
 
 if __name__ == "__main__":

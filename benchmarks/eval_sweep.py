@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
+from common import emit_table
 from ilc.data import read_documents
-from ilc.calibrate import CalibrationSettings, calibrate, group_layers
+from ilc.calibrate import CalibrationSettings, calibrate, regroup
 from ilc.evaluate import RULER_TASKS, EvalConfig, build_samples, run, summarize
-from ilc.grouping import blocks_min_similarity
 from ilc.models import load_model
-from ilc.runtime.plan import blocks_from_layers
 
 TARGETS = (0.2, 0.3, 0.35, 0.4, 0.5)
 
@@ -40,13 +38,11 @@ def main(out: str, lengths: tuple[int, ...], depths: tuple[float, ...], haystack
     for target in TARGETS:
         settings = CalibrationSettings(seq_len=4096, target_saving=target)
         try:
-            blocks = group_layers(base.similarity, settings, 8192, base.plan.sinks + base.plan.window)
+            plan = regroup(base, settings, 8192)
         except ValueError as exc:
             rows.append((f"target {target:.0%}", None, None, None, str(exc).split(":")[0], ""))
             print(rows[-1], flush=True)
             continue
-        plan = replace(base.plan, blocks=tuple(blocks_from_layers(b, blocks_min_similarity(s, b))
-                                               for b, s in zip(blocks, base.similarity)))
         plan.save(out_dir / f"plan-{int(target * 100)}.yaml")
         recs = run(model, tok, plan, ["plan", "streaming-equal"], samples, out_dir / f"t{int(target * 100)}",
                    progress=False)
@@ -66,9 +62,8 @@ def write(rows, out_dir: Path, full: dict, lengths):
         else:
             fmt = lambda x: f"{x:.1f}" if isinstance(x, float) else x  # noqa: E731
             lines.append(f"| {name} | {saved:.1%} | {fmt(niah)} | {fmt(ruler)} | {fmt(sn)} | {fmt(sr)} |")
-    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+    emit_table(lines, out_dir / "sweep.md")
     (out_dir / "sweep.json").write_text(json.dumps(rows))
-    print("\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,23 +16,15 @@ Run (CPU, no GPU needed): python benchmarks/kernels.py --host --contexts 8192 --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-
-def llama8b_plan(num_layers=32, kv_heads=8, block=5, sinks=16, window=4080):
-    from transformers import LlamaConfig
-
-    from ilc.runtime import Plan
-    from ilc.runtime.plan import ModelSignature, blocks_from_layers
-
-    groups = [list(range(a, min(num_layers, a + block))) for a in range(0, num_layers, block)]
-    sig = ModelSignature("llama-3.1-8b-shape", "LlamaForCausalLM", "llama", num_layers, 32, kv_heads, 128, 131072,
-                         "sha256:benchmark")
-    return Plan(model=sig, sinks=sinks, window=window, blocks=tuple(blocks_from_layers(groups) for _ in range(kv_heads)))
+from common import emit_table, llama8b_plan
 
 
 def bench(fn, warmup=3, reps=20):
@@ -83,14 +75,12 @@ def filled_cache(plan, ctx, dev, dtype):
 def decode_views(cache, plan, dev, dtype, count=None):
     """Append one token per layer; return per-layer (query, view, values) for the timed attention calls.
     `count`: a dispatch mode entered around the cache updates only (not the random inputs)."""
-    import contextlib
-
     hq, hkv, d = _shape(plan)
     out = []
     for layer in range(plan.num_layers):
         k = torch.randn(1, hkv, 1, d, device=dev, dtype=dtype)
         v, q = torch.randn_like(k), torch.randn(1, hq, 1, d, device=dev, dtype=dtype)
-        with count() if count else contextlib.nullcontext():
+        with count or contextlib.nullcontext():
             view, values = cache.update(k, v, layer)
         out.append((q, view, values))
     return out
@@ -232,11 +222,7 @@ def write_table(rows, bw, out_path):
     for r in rows:
         lines.append(f"| {r['context']} | {r['prefill_dense_layer_ms']:.2f} | {r['prefill_follower_layer_ms']:.2f} | "
                      f"{r['follower_vs_sdpa']:.2f} | {r['prefill_ratio']:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if out_path:
-        with open(out_path, "w") as f:
-            f.write(text + "\n")
+    emit_table(lines, out_path)
 
 
 class _StubKernel:
@@ -270,28 +256,25 @@ def _stub_kernels(counts):
 _NO_WORK = (torch.ops.aten.lift_fresh.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default)
 
 
-def _op_counter():
-    """A TorchDispatchMode that counts ATen ops that do work (on a GPU, each one a launch or a copy; views and
-    no-ops are not counted) and the bytes they write (new tensors, or a copy's source)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops run under it that do work (on a GPU, each one a launch or a copy; views and no-ops are
+    not counted) and the bytes they write (new tensors, or a copy's source)."""
 
-    class Counter(TorchDispatchMode):
-        ops = 0
-        bytes_written = 0
+    def __init__(self):
+        super().__init__()
+        self.ops = self.bytes_written = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.is_view or func in _NO_WORK:
-                return out
-            Counter.ops += 1
-            if func._schema.is_mutable:
-                sources = [a for a in list(args[1:]) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-                Counter.bytes_written += max((t.numel() * t.element_size() for t in sources), default=0)
-            elif isinstance(out, torch.Tensor):
-                Counter.bytes_written += out.numel() * out.element_size()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func in _NO_WORK:
             return out
-
-    return Counter
+        self.ops += 1
+        if func._schema.is_mutable:
+            sources = [a for a in list(args[1:]) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            self.bytes_written += max((t.numel() * t.element_size() for t in sources), default=0)
+        elif isinstance(out, torch.Tensor):
+            self.bytes_written += out.numel() * out.element_size()
+        return out
 
 
 def run_host(contexts, out_path, plan_path=None, steps=20):
@@ -310,36 +293,29 @@ def run_host(contexts, out_path, plan_path=None, steps=20):
         cache = filled_cache(plan, ctx, dev, dtype)
         counts: dict = {}
         undo = _stub_kernels(counts)
-        Counter = _op_counter()
         try:
             times = []
             for step in range(steps):
+                update, attention = _OpCounter(), _OpCounter()
+                views = decode_views(cache, plan, dev, dtype, count=update)  # the cache update of every layer
                 counts.clear()
-                Counter.ops = Counter.bytes_written = 0
-                views = decode_views(cache, plan, dev, dtype, count=Counter)  # the cache update of every layer
-                update_ops, update_bytes = Counter.ops, Counter.bytes_written
-                Counter.ops = 0
-                with Counter():
+                with attention:
                     pod_step(cache, views, scaling)
-                attention_ops = Counter.ops
+                per_kernel = dict(counts)
                 t = time.perf_counter()
                 pod_step(cache, views, scaling)
                 times.append(time.perf_counter() - t)
         finally:
             undo()
-        launches = sum(counts.values()) // 2  # the last step ran twice (counted, then timed)
+        launches = sum(per_kernel.values())
         host_us = sorted(times)[len(times) // 2] * 1e6
-        row = dict(context=ctx, launches=launches, attention_ops=attention_ops, update_ops=update_ops,
-                   update_bytes=update_bytes, host_us=host_us, kernels=dict(counts))
+        row = dict(context=ctx, launches=launches, attention_ops=attention.ops, update_ops=update.ops,
+                   update_bytes=update.bytes_written, host_us=host_us, kernels=per_kernel)
         print(json.dumps(row), flush=True)
-        lines.append(f"| {ctx} | {launches} | {attention_ops} | {update_ops} | {update_bytes / 2**20:.1f} MiB | "
+        lines.append(f"| {ctx} | {launches} | {attention.ops} | {update.ops} | {update.bytes_written / 2**20:.1f} MiB | "
                      f"{host_us:.0f} |")
         del cache
-    text = "\n".join(lines)
-    print(text)
-    if out_path:
-        with open(out_path, "w") as f:
-            f.write(text + "\n")
+    emit_table(lines, out_path)
 
 
 if __name__ == "__main__":

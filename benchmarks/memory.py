@@ -78,8 +78,9 @@ def smollm2(plan_path: str, lengths: list[int]) -> list[str]:
 def llama8b(context: int, new_tokens: int = 8) -> list[str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ilc.runtime import Plan, model_signature
-    from ilc.runtime.plan import blocks_from_layers
+    from common import llama8b_plan
+
+    from ilc.runtime import model_signature
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
@@ -87,9 +88,7 @@ def llama8b(context: int, new_tokens: int = 8) -> list[str]:
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     model.set_attn_implementation("sdpa")
-    groups = [list(range(a, min(32, a + 5))) for a in range(0, 32, 5)]
-    plan = Plan(model=model_signature(model, "llama-3.1-8b-shape (random weights)"), sinks=16, window=4080,
-                blocks=tuple(blocks_from_layers(groups) for _ in range(8)))
+    plan = llama8b_plan(model_signature(model, "llama-3.1-8b-shape (random weights)"))
     ids = torch.randint(0, 128000, (1, context - new_tokens), device="cuda")
     return [measure(model, plan, ids, new_tokens, "Llama-3.1-8B shape, bf16, H100, blocks of 5, 16+4080 window")]
 

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ilc.calibrate import CalibrationSettings, calibrate, group_layers
+from common import emit_table
+from ilc.calibrate import CalibrationSettings, calibrate, regroup
 from ilc.data import default_corpus, read_documents
-from ilc.grouping import blocks_min_similarity
 from ilc.models import load_model
 from ilc.needle import build_prompt, found
 from ilc.runtime import remove_plan
-from ilc.runtime.plan import blocks_from_layers
 
 SETTINGS = [
     ("optimal, output >= 0.9 (default)", dict(min_similarity=0.9)),
@@ -54,7 +52,6 @@ def main(out: str | None, seq_len: int):
         remove_plan(model)
         return hits
 
-    proximal = base.plan.sinks + base.plan.window
     lines = [f"SmolLM2-135M-Instruct, fp32 CPU. Calibration: embedded corpus, {base.plan.calibration['samples']} x "
              f"{seq_len} tokens, windows {base.plan.sinks} + {base.plan.window}. Needles: 'The special magic number "
              f"is 7481923' in {hay_name} at 2k/4k tokens x depth 25%/50% (4 prompts), greedy, 28 new tokens.", "",
@@ -66,18 +63,13 @@ def main(out: str | None, seq_len: int):
         if settings.criterion not in (None, "output"):  # another similarity: calibrate again
             plan = calibrate(settings, model, tok, src.name, progress=False).plan
         else:  # same records and similarity: regroup only
-            blocks = group_layers(base.similarity, settings, 8192, proximal)
-            plan = replace(base.plan, blocks=tuple(blocks_from_layers(b, blocks_min_similarity(s, b))
-                                                   for b, s in zip(blocks, base.similarity)))
+            plan = regroup(base, settings, 8192)
         t = time.time()
         hits = score(plan)
         lines.append(f"| {name} | {plan.estimated_saving(4096):.1%} | {plan.estimated_saving(8192):.1%} | "
                      f"{plan.mean_blocks_per_head:.1f} | {hits}/4 |")
         print(lines[-1], f"({time.time() - t:.0f} s)", flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        Path(out).write_text(text + "\n")
+    emit_table(lines, out)
 
 
 if __name__ == "__main__":

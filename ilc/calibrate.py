@@ -9,7 +9,7 @@ byte-identical plan.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -109,11 +109,7 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
     span = min(settings.max_group_size, cfg.num_hidden_layers)
     sim = CRITERIA[criterion](records, choice.sinks, choice.window, span)  # [Hkv, L, L]
     target_context = settings.target_context or max_context or settings.seq_len
-    blocks = group_layers(sim, settings, target_context, choice.sinks + choice.window)
-    per_head = tuple(
-        blocks_from_layers(b, grouping.blocks_min_similarity(sim_h, b))
-        for b, sim_h in zip(blocks, sim if not settings.per_layer else [sim.mean(0)] * len(sim))
-    )
+    per_head = plan_blocks(sim, settings, target_context, choice.sinks + choice.window)
     plan = Plan(
         model=model_signature(model, name=source_name),
         sinks=choice.sinks,
@@ -178,6 +174,20 @@ def group_layers(sim: np.ndarray, settings: CalibrationSettings, target_context:
     else:
         out = [grouping.group_max_saving(m, threshold, settings.max_group_size) for m in mats]
     return out * hkv if settings.per_layer else out
+
+
+def plan_blocks(sim: np.ndarray, settings: CalibrationSettings, target_context: int, proximal: int) -> tuple:
+    """Per KV head, the plan's `Block`s under the settings' method, each with its weakest similarity."""
+    blocks = group_layers(sim, settings, target_context, proximal)
+    mats = [sim.mean(0)] * len(sim) if settings.per_layer else sim
+    return tuple(blocks_from_layers(b, grouping.blocks_min_similarity(m, b)) for b, m in zip(blocks, mats))
+
+
+def regroup(result: CalibrationResult, settings: CalibrationSettings, target_context: int) -> Plan:
+    """`result`'s plan with its layers grouped again under `settings`. Grouping is the only step that depends on
+    the threshold or target, so the records and similarity of one calibration serve every setting."""
+    plan = result.plan
+    return replace(plan, blocks=plan_blocks(result.similarity, settings, target_context, plan.sinks + plan.window))
 
 
 def _banded(sim: np.ndarray, span: int) -> dict:

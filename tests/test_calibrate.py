@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ilc.calibrate import CalibrationSettings, calibrate
+from ilc.calibrate import CalibrationSettings, calibrate, regroup
 from ilc.data import CalibrationDataError, default_corpus, load_calibration_set
 from ilc.runtime import load_plan
 
@@ -59,6 +59,14 @@ def test_target_saving_is_reached():
     assert result.plan.estimated_saving(2048) >= 0.2
     with pytest.raises(ValueError, match="out of reach"):
         run(target_saving=0.45, target_context=2048)
+
+
+def test_regroup_reuses_one_calibration():
+    result, _ = run(target_saving=0.2, target_context=2048)
+    same = CalibrationSettings(seq_len=256, samples=3, query_rows=8, max_group_size=4, target_saving=0.2)
+    assert regroup(result, same, 2048).blocks == result.plan.blocks
+    higher = regroup(result, CalibrationSettings(seq_len=256, max_group_size=4, target_saving=0.3), 2048)
+    assert higher.estimated_saving(2048) >= 0.3 and higher.sinks == result.plan.sinks
 
 
 def test_explicit_windows_and_per_layer():
