@@ -46,9 +46,8 @@ def _index(values, device) -> torch.Tensor:
 def _decode_scratch(state, b, hq, d, nsplit_cap, total, device):
     """Reused decode buffers: split partials [B, Hq, cap, D] + LSE, and step logits [B, Hq, >= total] (fp32)."""
     scratch = state.kernel_scratch
-    key = (b, hq, d, nsplit_cap, device)
-    if scratch.get("mid_key") != key:
-        scratch["mid_key"] = key
+    mid_o = scratch.get("mid_o")
+    if mid_o is None or mid_o.shape != (b, hq, nsplit_cap, d) or mid_o.device != device:
         scratch["mid_o"] = torch.empty(b, hq, nsplit_cap, d, dtype=torch.float32, device=device)
         scratch["mid_lse"] = torch.empty(b, hq, nsplit_cap, dtype=torch.float32, device=device)
     logits = scratch.get("logits")
@@ -174,12 +173,11 @@ def _row_start(state, b, device) -> torch.Tensor:
     """Each row's first real slot as int32 on `device`, converted once per change of the row starts (or batch
     size, for the no-padding zeros) rather than on every layer call."""
     scratch = state.kernel_scratch
-    source = state.row_start
-    key = (b, device)
-    if scratch.get("row_start_key") != key or scratch.get("row_start_of") is not source:
+    source, rows = state.row_start, scratch.get("row_start")
+    if rows is None or scratch["row_start_of"] is not source or rows.shape[0] != b or rows.device != device:
         rows = torch.zeros(b, dtype=torch.int32, device=device) if source is None else source.to(device, torch.int32)
-        scratch.update(row_start_key=key, row_start_of=source, row_start=rows)
-    return scratch["row_start"]
+        scratch.update(row_start_of=source, row_start=rows)
+    return rows
 
 
 def pod_attention_triton(query, view, values, scaling):

@@ -47,7 +47,8 @@ def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
 @triton.jit
 def _sink_tile(SINK_K, V, b, own, kvh, rs, total, d, s_skb, s_skh, s_skn, s_vb, s_vh, s_vn,
                SINKS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Own keys and values of a row's first SINKS real tokens (slots rs .. rs+SINKS-1); `ok` masks missing ones."""
+    """Own keys and values of a row's first SINKS real tokens (slots rs .. rs+SINKS-1); `ok` masks missing ones.
+    SINK_K holds the i-th sink key at row i: a follower's sink buffer, or an anchor's full keys offset by rs."""
     idx = tl.arange(0, BLOCK_S)
     slot = rs + idx
     ok = (idx < SINKS) & (slot < total)
@@ -86,16 +87,12 @@ def _decode_split(
 
     if SINKS > 0:
         if split == 0:  # the row's first SINKS real slots, own keys
-            idx = tl.arange(0, BLOCK_S)
-            slot = rs + idx
-            ok = (idx < SINKS) & (slot < total)
-            if kind == ANCHOR:
-                k = tl.load(ANCHOR_K + b * s_akb + own * s_akh + slot[:, None] * s_akn + d[None, :],
-                            mask=ok[:, None], other=0.0)
+            if kind == ANCHOR:  # full keys: the sinks sit at the row's slots rs, rs + 1, ...
+                k, v, slot, ok = _sink_tile(ANCHOR_K + rs * s_akn, V, b, own, kvh, rs, total, d, s_akb, s_akh, s_akn,
+                                            s_vb, s_vh, s_vn, SINKS, BLOCK_S)
             else:
-                k = tl.load(SINK_K + b * s_skb + own * s_skh + idx[:, None] * s_skn + d[None, :],
-                            mask=ok[:, None], other=0.0)
-            v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
+                k, v, slot, ok = _sink_tile(SINK_K, V, b, own, kvh, rs, total, d, s_skb, s_skh, s_skn,
+                                            s_vb, s_vh, s_vn, SINKS, BLOCK_S)
             s = tl.where(ok[None, :], _dot(q, tl.trans(k), UPCAST) * scaling, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
 

@@ -227,7 +227,7 @@ def _split_masked(q_own, q_dist, *, sink_keys, recent_keys, anchor_keys, values,
     s, w = state.sinks, state.window
     dev = q_own.device
     rs = _row_start(view, b, dev)[:, None, None]  # [B, 1, 1]
-    min_rs = 0 if state.row_start is None else int(state.row_start.min())
+    min_rs = state.row_start_min
     # Sink values are each row's first real slots; gather them (clamped; unstored ones are masked below).
     sink_slots = rs[:, 0] + torch.arange(s, device=dev)[None, :]  # [B, S]
     gather = sink_slots.clamp(max=view.total - 1)[:, None, :, None].expand(-1, values.shape[1], -1, d)
