@@ -1,11 +1,14 @@
-"""The headline curve: quality against KV memory for SmolLM2, PoD plans vs StreamingLLM at equal memory.
+"""The headline curve: quality against KV memory on SmolLM2, mixed plans vs PoD-only plans vs StreamingLLM.
 
-Calibrates once (embedded corpus, 4k tokens), builds plans for target savings of 20/30/35/40/50% at 8k (the
-same similarity matrices, regrouped; 50% is out of reach by construction: sharing keys saves less than half),
-and evaluates each plan and StreamingLLM at the plan's bytes on the same NIAH and RULER-style samples as
-`ilc eval`, plus the full model once. Writes a table and a PNG.
+Calibrates once (embedded corpus, 4k tokens, prose + retrieval samples; every option of every head priced), then
+for each target saving (a share of the KV bytes at 4k) builds the mixed plan (full / follower / streaming per
+head) and the PoD-only plan (followers only; out of reach past ~36%), and evaluates them, StreamingLLM at the
+mixed plan's bytes and uniform blocks on the same NIAH and RULER-style samples as `ilc eval`, plus the full model
+once, and perplexity by position on one 4k text. KV bytes are measured after each run (2k/4k prompts) and on a
+real cache at 4k and 8k. A last row repeats the 30% mixed plan calibrated on prose only (no retrieval samples).
+Every step resumes from its results.jsonl.
 
-Run: python benchmarks/eval_sweep.py --out docs/eval-sweep
+Run: python benchmarks/eval_sweep.py --out docs/eval-sweep --haystack ../shared/data/pg_essays
 """
 
 from __future__ import annotations
@@ -15,82 +18,138 @@ import json
 from pathlib import Path
 
 from common import emit_table
-from ilc.data import read_documents
 from ilc.calibrate import CalibrationSettings, calibrate, regroup
-from ilc.evaluate import RULER_TASKS, EvalConfig, build_samples, run, summarize
+from ilc.data import pack, read_documents
+from ilc.evaluate import RULER_TASKS, EvalConfig, build_samples, held_bytes, run, run_perplexity, summarize
 from ilc.models import load_model
 
-TARGETS = (0.2, 0.3, 0.35, 0.4, 0.5)
+TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
+SEQ_LEN = 4096
 
 
-def main(out: str, lengths: tuple[int, ...], depths: tuple[float, ...], haystack: str | None, full_dir: str | None):
+def evaluate(model, tok, plan, methods, samples, out_dir, ppl_ids):
+    recs = run(model, tok, plan, methods, samples, out_dir, progress=False)
+    s = summarize(recs, methods)
+    ppl_path = Path(out_dir, "perplexity.json")
+    ppl = json.loads(ppl_path.read_text()) if ppl_path.exists() else run_perplexity(model, plan, methods, ppl_ids,
+                                                                                   out_dir)
+    for m in methods:
+        s[m]["ppl"] = ppl[m]["all"]
+    return s
+
+
+def row(name, plan, s, kinds=""):
+    b4, d4 = held_bytes(plan, 4096)
+    b8, d8 = held_bytes(plan, 8192)
+    return dict(name=name, kinds=kinds, saved_eval=s["kv_saved"], saved_4k=1 - b4 / d4, saved_8k=1 - b8 / d8,
+                niah=s["niah"], ruler=s["ruler"], ppl=s["ppl"])
+
+
+def main(out: str, lengths, depths, seeds, haystack: str | None, targets):
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok, src = load_model()
-    base = calibrate(CalibrationSettings(seq_len=4096), model, tok, src.name, progress=False)
-    config = EvalConfig(lengths=lengths, depths=depths, ruler_depths=(0.25,))
+    base = calibrate(CalibrationSettings(seq_len=SEQ_LEN), model, tok, src.name, progress=False)
+    config = EvalConfig(lengths=lengths, depths=depths, ruler_depths=(0.5,), seeds=seeds)
     docs = read_documents([haystack]) if haystack else None
     samples = build_samples(["niah", *RULER_TASKS], tok, config, docs)
-    full_records = run(model, tok, base.plan, ["full"], samples, full_dir or out_dir / "full", progress=False)
-    full = summarize(full_records, ["full"])["full"]
-    rows = [("full model", 0.0, full["niah"], full["ruler"], "", "")]
-    print(rows[-1], flush=True)
-    for target in TARGETS:
-        settings = CalibrationSettings(seq_len=4096, target_saving=target)
+    ppl_ids = pack(docs or [], tok, max(lengths), 1).samples if docs else None
+    rows = []
+    full = evaluate(model, tok, base.plan, ["full", "uniform-2", "uniform-3"], samples, out_dir / "full", ppl_ids)
+    rows.append(dict(name="full model", kinds="", saved_eval=0.0, saved_4k=0.0, saved_8k=0.0, niah=full["full"]["niah"],
+                     ruler=full["full"]["ruler"], ppl=full["full"]["ppl"]))
+    for k in (2, 3):
+        from ilc.baselines import uniform_plan
+
+        rows.append(row(f"uniform blocks of {k}", uniform_plan(base.plan, k), full[f"uniform-{k}"]))
+    print(*rows, sep="\n", flush=True)
+    for target in targets:
+        tag = int(round(target * 100))
+        mixed = regroup(base, CalibrationSettings(seq_len=SEQ_LEN, target_saving=target), SEQ_LEN)
+        mixed.save(out_dir / f"plan-mixed-{tag}.yaml")
+        s = evaluate(model, tok, mixed, ["plan", "streaming-equal"], samples, out_dir / f"mixed-{tag}", ppl_ids)
+        counts = mixed.kind_counts()
+        kinds = f"{counts['full']}/{counts['follower']}/{counts['streaming']}"
+        rows.append(row(f"mixed {tag}%", mixed, s["plan"], kinds))
+        from ilc.baselines import equal_memory_window, streaming_plan
+
+        rows.append(row(f"StreamingLLM at mixed {tag}% bytes", streaming_plan(mixed, equal_memory_window(mixed, 4096)),
+                        s["streaming-equal"]))
         try:
-            plan = regroup(base, settings, 8192)
+            pod = regroup(base, CalibrationSettings(seq_len=SEQ_LEN, target_saving=target, kinds=("follower",)),
+                          SEQ_LEN)
         except ValueError as exc:
-            rows.append((f"target {target:.0%}", None, None, None, str(exc).split(":")[0], ""))
-            print(rows[-1], flush=True)
-            continue
-        plan.save(out_dir / f"plan-{int(target * 100)}.yaml")
-        recs = run(model, tok, plan, ["plan", "streaming-equal"], samples, out_dir / f"t{int(target * 100)}",
-                   progress=False)
-        s = summarize(recs, ["plan", "streaming-equal"])
-        p, st = s["plan"], s["streaming-equal"]
-        rows.append((f"target {target:.0%}", p["kv_saved"], p["niah"], p["ruler"], st["niah"], st["ruler"]))
-        print(rows[-1], flush=True)
-    write(rows, out_dir, full, lengths)
-
-
-def write(rows, out_dir: Path, full: dict, lengths):
-    lines = ["| plan | KV saved (measured) | PoD NIAH | PoD RULER | StreamingLLM same bytes NIAH | "
-             "StreamingLLM same bytes RULER |", "|---|---|---|---|---|---|"]
-    for name, saved, niah, ruler, sn, sr in rows:
-        if saved is None:
-            lines.append(f"| {name} | out of reach | | | | |")
+            rows.append(dict(name=f"PoD-only {tag}%", unreachable=str(exc).split(";")[0]))
         else:
-            fmt = lambda x: f"{x:.1f}" if isinstance(x, float) else x  # noqa: E731
-            lines.append(f"| {name} | {saved:.1%} | {fmt(niah)} | {fmt(ruler)} | {fmt(sn)} | {fmt(sr)} |")
+            pod.save(out_dir / f"plan-pod-{tag}.yaml")
+            p = evaluate(model, tok, pod, ["plan"], samples, out_dir / f"pod-{tag}", ppl_ids)
+            counts = pod.kind_counts()
+            rows.append(row(f"PoD-only {tag}%", pod, p["plan"], f"{counts['full']}/{counts['follower']}/0"))
+        print(*rows[-3:], sep="\n", flush=True)
+    prose = calibrate(CalibrationSettings(seq_len=SEQ_LEN, retrieval_samples=0, target_saving=0.3), model, tok,
+                      src.name, progress=False).plan
+    prose.save(out_dir / "plan-mixed-30-prose-only.yaml")
+    s = evaluate(model, tok, prose, ["plan"], samples, out_dir / "mixed-30-prose-only", ppl_ids)
+    counts = prose.kind_counts()
+    rows.append(row("mixed 30%, calibrated on prose only", prose, s["plan"],
+                    f"{counts['full']}/{counts['follower']}/{counts['streaming']}"))
+    write(rows, out_dir, lengths, depths, seeds)
+
+
+def write(rows, out_dir: Path, lengths, depths, seeds):
+    n_niah = len(lengths) * len(depths) * len(seeds)
+    lines = [f"NIAH: {n_niah} prompts ({len(lengths)} lengths x {len(depths)} depths x {len(seeds)} needles); "
+             f"RULER-style: 5 tasks x {len(lengths)} lengths; perplexity: one {max(lengths)}-token text. "
+             "KV saved: measured after each eval run (mean over its prompts), and on a real cache after a 4k / 8k "
+             "prefill. Kinds: full / follower / streaming (layer, KV head) pairs.", "",
+             "| method | kinds | KV saved (eval prompts) | saved at 4k | saved at 8k | NIAH | RULER | perplexity |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "unreachable" in r:
+            lines.append(f"| {r['name']} | | out of reach: {r['unreachable']} | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['kinds']} | {r['saved_eval']:.1%} | {r['saved_4k']:.1%} | "
+                     f"{r['saved_8k']:.1%} | {r['niah']:.1f} | {r['ruler']:.1f} | {r['ppl']:.2f} |")
     emit_table(lines, out_dir / "sweep.md")
-    (out_dir / "sweep.json").write_text(json.dumps(rows))
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out_dir / "curve.png", lengths)
+
+
+def plot(rows, path: Path, lengths):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows[1:] if r[1] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, k, label in ((axes[0], 2, "NIAH"), (axes[1], 3, "RULER-style")):
-        ax.plot([100 * r[1] for r in pts], [r[k] for r in pts], "o-", label="PoD plan (scores mode)")
-        ax.plot([100 * r[1] for r in pts], [r[k + 2] for r in pts], "s--", label="StreamingLLM, same bytes")
-        ax.axhline(full["niah" if k == 2 else "ruler"], color="gray", linestyle=":", label="full cache")
-        ax.set_xlabel("KV saved at the eval lengths (%)")
+    full = rows[0]
+    series = {"mixed plan (full / follower / streaming per head)": ("mixed ", "o-"),
+              "PoD-only plan": ("PoD-only", "^-"), "StreamingLLM, same bytes as mixed": ("StreamingLLM", "s--"),
+              "uniform blocks": ("uniform", "x:")}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "niah", "NIAH"), (axes[1], "ruler", "RULER-style")):
+        for name, (prefix, style) in series.items():
+            pts = sorted((100 * r["saved_4k"], r[key]) for r in rows if r["name"].startswith(prefix)
+                         and "unreachable" not in r and "prose" not in r["name"])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        ax.axhline(full[key], color="gray", linestyle=":", label="full cache")
+        ax.set_xlabel("KV bytes saved at 4k (%, measured)")
         ax.set_ylabel(f"{label} score")
         ax.set_ylim(-5, 105)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct, {'/'.join(str(n) for n in lengths)} tokens, CPU")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"SmolLM2-135M-Instruct, {'/'.join(str(n) for n in lengths)}-token prompts, CPU")
     fig.tight_layout()
-    fig.savefig(out_dir / "curve.png", dpi=90)
+    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/eval-sweep")
     ap.add_argument("--lengths", default="2048,4096")
-    ap.add_argument("--depths", default="25,50")
+    ap.add_argument("--depths", default="10,30,50,70,90", help="NIAH depths in percent")
+    ap.add_argument("--seeds", default="0,1,2", help="one needle per seed")
+    ap.add_argument("--targets", default=",".join(str(int(t * 100)) for t in TARGETS), help="percent")
     ap.add_argument("--haystack", help="directory of texts (default: the embedded corpus)")
-    ap.add_argument("--full-from", help="reuse the full model's records from this `ilc eval` output directory")
     a = ap.parse_args()
     main(a.out, tuple(int(x) for x in a.lengths.split(",")), tuple(float(x) / 100 for x in a.depths.split(",")),
-         a.haystack, a.full_from)
+         tuple(int(x) for x in a.seeds.split(",")), a.haystack, tuple(float(x) / 100 for x in a.targets.split(",")))

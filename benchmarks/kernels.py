@@ -87,7 +87,7 @@ def decode_views(cache, plan, dev, dtype, count=None):
 
 
 def pod_step(cache, views, scaling):
-    from ilc.kernels import pod_attention_triton
+    from ilc.runtime.kernel_dispatch import pod_attention_triton
 
     state = cache.state
     for layer, (q, view, values) in enumerate(views):
@@ -153,7 +153,7 @@ def run(contexts, out_path):
         vp = torch.randn_like(kp)
         dense_pre = bench(lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True),
                           warmup=1, reps=5)
-        from ilc.kernels import pod_attention_triton
+        from ilc.runtime.kernel_dispatch import pod_attention_triton
         from ilc.runtime import PoDCache
 
         small_plan = plan.with_options(blocks=tuple(_two_layer_blocks(plan) for _ in range(8)))

@@ -1,9 +1,11 @@
-"""The calibration compiler: model + sample text -> a validated PoD plan.
+"""The calibration compiler: model + sample text -> a validated plan.
 
-Steps: pack the text into samples; record sampled-row attention on each (`attention_stats`); choose the
-proximal windows (`windows`); build the similarity matrix per KV head under the chosen criterion
-(`similarity`); group consecutive layers (`grouping`); write provenance. Same data, settings and seed give a
-byte-identical plan.
+Steps: pack the text into samples, and build retrieval samples from the same text (`data`); record sampled-row
+attention on each (`attention_stats`); choose the proximal windows from the prose samples (`windows`); price
+every option per (layer, KV head) on all samples (`similarity`: a follower's output change per anchor, a
+streaming head's output change per window); choose per head (`grouping`): shared blocks only (`--kinds
+follower`, or the paper's rule), or a mixed plan of full, follower and streaming heads under a budget; write
+provenance. Same data, settings and seed give a byte-identical plan.
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from tqdm.auto import tqdm
 
 import ilc
 from ilc.runtime.architectures import model_signature
-from ilc.runtime.plan import Plan, blocks_from_layers
+from ilc.runtime.heads import HeadKind, HeadSpec, stored_vectors
+from ilc.runtime.plan import Block, Plan, blocks_from_layers, streaming_block
 
 from . import grouping
 from .attention_stats import record_sample, recording, sample_rows
-from .data import load_calibration_set
+from .data import load_calibration_set, read_documents, default_corpus, retrieval_samples
 from .models import DEFAULT_MODEL, load_model
-from .similarity import CRITERIA
+from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
 DEFAULT_CRITERION = {"paper": "jsd", "optimal": "output"}
 DEFAULT_THRESHOLD = {"paper": 0.5, "optimal": 0.9}  # optimal floor: measured to keep NIAH on SmolLM2
+MIXED_CRITERION_KEYS = ("assignment", "max_error", "streaming_windows", "total_error", "estimated_saving")
+KINDS = ("follower", "streaming")  # what a (layer, KV head) may become besides full
+STREAMING_WINDOWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # candidates, up to half the seq-len
 
 
 @dataclass
@@ -44,29 +50,59 @@ class CalibrationSettings:
     criterion: str | None = None  # default per method: paper -> jsd, optimal -> output
     min_similarity: float | None = None  # paper: delta; optimal: floor for every follower
     target_saving: float | None = None  # optimal only: reach this KV saving at target_context
-    target_context: int | None = None  # default: the model's maximum context
+    target_context: int | None = None  # default: seq_len (where the options' errors are measured)
     max_group_size: int = 8
     per_layer: bool = False
     sinks: int | None = None
     window: int | None = None
     window_mass: float = 0.8
     mode: str = "scores"
+    kinds: tuple[str, ...] = KINDS
+    retrieval_samples: int = 4
+    max_error: float | None = None  # mixed plans: largest output error any one head's option may cost
     device: str = "cpu"
     dtype: str | None = None
     device_map: str | None = None
     seed: int = 0
+
+    @property
+    def mixed(self) -> bool:
+        """Per-head kinds chosen under a budget (streaming allowed, optimal method)."""
+        return self.method == "optimal" and "streaming" in self.kinds
 
     def validate(self) -> None:
         if self.method not in grouping.METHODS:
             raise ValueError(f"--method must be one of {grouping.METHODS}, got {self.method!r}")
         if (self.criterion or DEFAULT_CRITERION[self.method]) not in CRITERIA:
             raise ValueError(f"--criterion must be one of {tuple(CRITERIA)}, got {self.criterion!r}")
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"--kinds must be a comma list of {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
+        if self.method == "paper" and "streaming" in self.kinds and self.kinds != KINDS:
+            raise ValueError("--method paper groups followers only; it takes no --kinds")
+        if self.mixed and self.criterion == "jsd":
+            raise ValueError("mixed plans (--kinds with streaming) price options by output error: use "
+                             "--criterion output or --kinds follower")
+        if self.max_error is not None:
+            if not self.mixed:
+                raise ValueError("--max-error is for mixed plans (--kinds follower,streaming); use --min-similarity")
+            if not 0 <= self.max_error <= 1:
+                raise ValueError(f"--max-error must be in [0, 1], got {self.max_error}")
+            if self.min_similarity is not None:
+                raise ValueError("give --max-error or --min-similarity, not both")
+        if self.min_similarity is not None and not 0 <= self.min_similarity <= 1:
+            raise ValueError(f"--min-similarity must be in [0, 1], got {self.min_similarity}")
+        if self.mixed and self.per_layer:
+            raise ValueError("--per-layer groups whole layers: use it with --kinds follower")
+        if self.retrieval_samples < 0:
+            raise ValueError(f"--retrieval-samples must be >= 0, got {self.retrieval_samples}")
         if self.target_saving is not None:
             if self.method != "optimal":
                 raise ValueError("--target-saving needs --method optimal")
-            if not 0 < self.target_saving < 0.5:
-                raise ValueError(f"--target-saving must be in (0, 0.5): sharing keys saves at most half the cache, "
-                                 f"got {self.target_saving}")
+            top = 1.0 if self.mixed else 0.5
+            if not 0 < self.target_saving < top:
+                why = "" if self.mixed else ": sharing keys saves at most half the cache (add --kinds streaming)"
+                raise ValueError(f"--target-saving must be in (0, {top:g}){why}, got {self.target_saving}")
         if self.max_group_size < 1 or self.samples < 1 or self.query_rows < 1:
             raise ValueError("--max-group-size, --samples and --query-rows must be >= 1")
         if self.mode not in ("scores", "keys"):
@@ -79,6 +115,8 @@ class CalibrationResult:
     seconds: float
     similarity: np.ndarray  # [Hkv, L, L] under the plan's criterion
     windows: WindowChoice
+    streaming_error: np.ndarray | None = None  # [Hkv, L, len(streaming_windows)] (mixed plans)
+    streaming_windows: tuple[int, ...] = ()
 
 
 def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_name: str | None = None,
@@ -96,20 +134,29 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
     if max_context and settings.seq_len > max_context:
         raise ValueError(f"--seq-len {settings.seq_len} exceeds the model's context of {max_context} tokens")
     data = load_calibration_set(tokenizer, settings.data, settings.seq_len, settings.samples)
+    docs = read_documents(settings.data) if settings.data else default_corpus()
+    retrieval = retrieval_samples(tokenizer, docs, settings.seq_len, settings.retrieval_samples,
+                                  settings.query_rows, settings.seed)
     rows = sample_rows(settings.seq_len, settings.query_rows)
+    work = [(sample, rows) for sample in data.samples] + [(r.ids, r.rows) for r in retrieval]
     records = []
     with recording(model):
-        for sample in tqdm(data.samples, desc="calibrating", unit="sample", disable=not progress):
-            records.append(record_sample(model, sample[None], rows))
-    choice = choose_windows(records, settings.seq_len, settings.sinks, settings.window, settings.window_mass)
+        for ids, sample_rows_ in tqdm(work, desc="calibrating", unit="sample", disable=not progress):
+            records.append(record_sample(model, ids[None], sample_rows_))
+    prose = records[:len(data.samples)]  # windows follow ordinary text; options are priced on every sample
+    choice = choose_windows(prose, settings.seq_len, settings.sinks, settings.window, settings.window_mass)
     if choice.sinks + choice.window >= settings.seq_len // 2 + 1:
         raise ValueError(f"sinks + window ({choice.sinks} + {choice.window}) leave no distant tokens at the sampled "
                          f"rows of --seq-len {settings.seq_len}; use a longer --seq-len or a smaller --window")
     criterion = settings.criterion or DEFAULT_CRITERION[settings.method]
     span = min(settings.max_group_size, cfg.num_hidden_layers)
     sim = CRITERIA[criterion](records, choice.sinks, choice.window, span)  # [Hkv, L, L]
-    target_context = settings.target_context or max_context or settings.seq_len
-    per_head = plan_blocks(sim, settings, target_context, choice.sinks + choice.window)
+    target_context = settings.target_context or settings.seq_len
+    windows, stream_err = (), None
+    if settings.mixed:
+        windows = tuple(w for w in STREAMING_WINDOWS if w <= settings.seq_len // 2)
+        stream_err = streaming_error(records, choice.sinks, windows)
+    per_head, chosen = plan_heads(sim, stream_err, windows, settings, target_context, choice.sinks, choice.window)
     plan = Plan(
         model=model_signature(model, name=source_name),
         sinks=choice.sinks,
@@ -119,7 +166,8 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
         criterion={
             "method": settings.method,
             "similarity": criterion,
-            "min_similarity": _threshold(settings),
+            "min_similarity": None if settings.mixed else _threshold(settings),
+            **chosen,
             "target_saving": settings.target_saving,
             "target_context": target_context if settings.target_saving else None,
             "max_group_size": settings.max_group_size,
@@ -135,6 +183,7 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
             "samples": int(data.samples.shape[0]),
             "seq_len": settings.seq_len,
             "tokens": data.tokens,
+            "retrieval_samples": len(retrieval),
             "query_rows": int(len(rows)),
             "seed": settings.seed,
             "dtype": str(model.dtype).replace("torch.", ""),
@@ -145,7 +194,7 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
         distance_curve=choice.curve,
         similarity=_banded(sim, span),
     )
-    return CalibrationResult(plan, time.perf_counter() - started, sim, choice)
+    return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows)
 
 
 def _threshold(settings: CalibrationSettings) -> float | None:
@@ -183,11 +232,58 @@ def plan_blocks(sim: np.ndarray, settings: CalibrationSettings, target_context: 
     return tuple(blocks_from_layers(b, grouping.blocks_min_similarity(m, b)) for b, m in zip(blocks, mats))
 
 
+def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[int, ...],
+               settings: CalibrationSettings, target_context: int, sinks: int, window: int) -> tuple[tuple, dict]:
+    """Per KV head, the plan's blocks under the settings, and what to record in the plan's criterion."""
+    if not settings.mixed:
+        return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": list(settings.kinds)}
+    hkv, n, _ = sim.shape
+    dense = 2 * n * hkv * target_context  # vectors of the whole dense cache
+    saving = lambda spec: (2 * target_context - stored_vectors(spec, target_context, sinks)) / dense  # noqa: E731
+    follower_saving = saving(HeadSpec(HeadKind.FOLLOWER, 0, window))
+    stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w)) for w in windows])
+    allowed = frozenset(settings.kinds)
+    options = [grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_err[h], stream_saving, windows, allowed)
+               for h in range(hkv)]
+    max_error = settings.max_error
+    if max_error is None and settings.target_saving is None:
+        max_error = 1.0 - (settings.min_similarity if settings.min_similarity is not None
+                           else DEFAULT_THRESHOLD["optimal"])
+    size = min(settings.max_group_size, n)
+    try:
+        segments, error, saved = grouping.assign_mixed(options, size, settings.target_saving, max_error)
+    except ValueError as exc:
+        raise ValueError(f"--target-saving {settings.target_saving} at {target_context} tokens is out of reach: "
+                         f"{exc}; raise --max-group-size or --max-error, or lower the target") from None
+    blocks = []
+    for h, segs in enumerate(segments):
+        head: list[Block] = []
+        for seg in segs:
+            if seg.streaming_window is not None:
+                head.append(streaming_block(seg.layers[0], seg.streaming_window))
+            else:
+                low = grouping.blocks_min_similarity(sim[h], [list(seg.layers)])[0]
+                head += blocks_from_layers([seg.layers], [low])
+        blocks.append(tuple(head))
+    chosen = {"kinds": list(settings.kinds), "assignment": "lagrangian-dp", "max_error": max_error,
+              "streaming_windows": list(windows), "total_error": round(error, 4),
+              "estimated_saving": round(saved, 4)}
+    return tuple(blocks), chosen
+
+
 def regroup(result: CalibrationResult, settings: CalibrationSettings, target_context: int) -> Plan:
-    """`result`'s plan with its layers grouped again under `settings`. Grouping is the only step that depends on
-    the threshold or target, so the records and similarity of one calibration serve every setting."""
+    """`result`'s plan with its heads chosen again under `settings`. Choosing is the only step that depends on
+    the threshold, target or kinds, so the records and option prices of one calibration serve every setting."""
     plan = result.plan
-    return replace(plan, blocks=plan_blocks(result.similarity, settings, target_context, plan.sinks + plan.window))
+    if settings.mixed and result.streaming_error is None:
+        raise ValueError("this calibration priced no streaming options; calibrate with --kinds follower,streaming")
+    blocks, chosen = plan_heads(result.similarity, result.streaming_error, result.streaming_windows, settings,
+                                target_context, plan.sinks, plan.window)
+    kept = {k: v for k, v in plan.criterion.items() if k not in MIXED_CRITERION_KEYS}
+    criterion = {**kept, **chosen, "min_similarity": None if settings.mixed else _threshold(settings),
+                 "target_saving": settings.target_saving,
+                 "target_context": target_context if settings.target_saving else None}
+    return replace(plan, blocks=blocks, criterion=criterion)
 
 
 def _banded(sim: np.ndarray, span: int) -> dict:

@@ -16,7 +16,9 @@ def _calibrate(args) -> int:
         method=args.method, criterion=args.criterion, min_similarity=args.min_similarity,
         target_saving=args.target_saving, target_context=args.target_context, max_group_size=args.max_group_size,
         per_layer=args.per_layer, sinks=args.sinks, window=args.window, window_mass=args.window_mass,
-        mode=args.mode, device=args.device, dtype=args.dtype, device_map=args.device_map, seed=args.seed,
+        mode=args.mode, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+        retrieval_samples=args.retrieval_samples, max_error=args.max_error, device=args.device, dtype=args.dtype,
+        device_map=args.device_map, seed=args.seed,
     )
     result = calibrate(settings)
     out = result.plan.save(args.out)
@@ -101,6 +103,12 @@ def _generate(args) -> int:
     return 0
 
 
+def _method_names() -> list[str]:
+    from .evaluate import METHODS
+
+    return list(METHODS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ilc", description="Inter-layer KV-cache compression (PoD) for HF causal LMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,10 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: output for optimal, jsd for paper)")
     c.add_argument("--min-similarity", type=float, help="similarity floor for every follower (paper: delta; "
                    "default: 0.5 for paper, 0.9 for optimal, unless --target-saving is given)")
-    c.add_argument("--target-saving", type=float, help="reach this KV saving (e.g. 0.35) with the least similarity "
-                   "loss (optimal method)")
+    c.add_argument("--target-saving", type=float, help="reach this KV saving (e.g. 0.3) with the least output "
+                   "error (optimal method); in (0, 1) for mixed plans, (0, 0.5) with --kinds follower")
+    c.add_argument("--kinds", default="follower,streaming",
+                   help="what a (layer, KV head) may become besides full: follower (PoD sharing), streaming "
+                        "(sinks + own window only); default follower,streaming. --kinds follower gives PoD-only plans")
+    c.add_argument("--max-error", type=float, help="mixed plans: largest output error in [0, 1] any head's option may "
+                   "cost (default 0.1 without --target-saving, none with it)")
+    c.add_argument("--retrieval-samples", type=int, default=4,
+                   help="extra samples with planted facts recalled later and a copied passage, built from the same "
+                        "text, so that retrieval heads are priced as such (default 4; 0 = prose only)")
     c.add_argument("--target-context", type=int, help="context the target saving is measured at "
-                   "(default: the model's maximum context)")
+                   "(default: --seq-len, where the errors are measured; the saving grows with context)")
     c.add_argument("--max-group-size", type=int, default=8, help="layers per block at most (default 8)")
     c.add_argument("--per-layer", action="store_true", help="all KV heads of a layer share the same blocks")
     c.add_argument("--sinks", type=int, help="sink tokens (default: chosen from the attention curve)")
@@ -158,8 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lengths", default="2k,4k", help="context lengths, e.g. 1k,2k,4k (default 2k,4k)")
     e.add_argument("--depths", default="0,25,50,75,100", help="NIAH depths in percent")
     e.add_argument("--ruler-depths", default="25,50", help="depths of the planted facts for RULER-style tasks")
-    e.add_argument("--methods", help="comma list (default all): " + ", ".join(
-        ["full", "plan", "plan-keys", "streaming", "streaming-equal", "uniform-2", "uniform-3", "uniform-4"]))
+    e.add_argument("--methods", help="comma list (default all): " + ", ".join(_method_names()))
     e.add_argument("--haystack", help="directory of texts (default: the embedded corpus)")
     e.add_argument("--model", help="model to load (default: the plan's model name)")
     e.add_argument("--device", default="cpu")

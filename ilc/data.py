@@ -123,3 +123,69 @@ def load_calibration_set(tokenizer, data: list[str] | None, seq_len: int, max_sa
     else:
         docs, description = default_corpus(), "embedded default corpus (Austen, Pride and Prejudice; public domain)"
     return pack(docs, tokenizer, seq_len, max_samples, description)
+
+
+@dataclass(frozen=True)
+class RetrievalSample:
+    """A calibration sample that needs long-range copying, and the query rows where the copying happens."""
+
+    ids: torch.Tensor  # [seq_len]
+    rows: torch.Tensor  # [R] positions whose next token must be copied from far back
+
+
+def retrieval_samples(tokenizer, docs: list[Document], seq_len: int, count: int, rows: int = 32,
+                      seed: int = 0, facts: int = 6) -> list[RetrievalSample]:
+    """`count` samples of corpus prose with `facts` planted key-value facts ("The pass key of <word> is <7
+    digits>.") in the first three quarters, and at the end every fact recalled plus a copy of an early passage.
+
+    Prose alone rarely makes a head reach far back, so heads that retrieve look streaming on it (DuoAttention
+    calibrates on synthetic passkeys for the same reason). The recorded rows are the recall and copy positions:
+    the tokens that predict a planted digit or the next token of the copied passage."""
+    import random
+
+    if count <= 0:
+        return []
+    stream = tokenizer(" ".join(d.text for d in docs), add_special_tokens=False)["input_ids"]
+    words = sorted({w for d in docs for w in d.text.split() if w.isalpha() and 5 <= len(w) <= 10 and w.islower()})
+    if len(words) < facts or len(stream) < seq_len // 2:
+        raise CalibrationDataError(f"the calibration text is too short to build retrieval samples of {seq_len} "
+                                   "tokens; add text, lower --seq-len or pass --retrieval-samples 0")
+    rng = random.Random(seed)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    copy_len = max(4, min(48, seq_len // 16))
+    per_fact = 2 * len(encode(f" The pass key of {words[0]} is 1234567. ")) + 4
+    facts = min(facts, (seq_len // 2 - copy_len) // per_fact)  # facts, recalls and copy take at most half
+    if facts < 1:
+        raise CalibrationDataError(f"--seq-len {seq_len} is too short for retrieval samples "
+                                   "(use --retrieval-samples 0)")
+    out = []
+    for n in range(count):
+        pairs = [(rng.choice(words), "".join(rng.choice("0123456789") for _ in range(7))) for _ in range(facts)]
+        planted = [encode(f" The pass key of {w} is {v}. ") for w, v in pairs]
+        recalls = []  # (tokens, index of the first token to predict by copying)
+        for w, v in rng.sample(pairs, len(pairs)):
+            prefix = encode(f" The pass key of {w} is")
+            recalls.append((prefix + encode(f" {v}."), len(prefix) - 1))
+        filler_len = max(seq_len // 4, seq_len - sum(map(len, planted)) - sum(len(t) for t, _ in recalls) - copy_len)
+        offset = rng.randrange(0, max(1, len(stream) - filler_len))
+        filler = (stream * (1 + filler_len // max(1, len(stream)) + 1))[offset:offset + filler_len]
+        cuts = sorted(rng.sample(range(filler_len * 3 // 4), facts))
+        ids: list[int] = []
+        prev = 0
+        for cut, fact in zip(cuts, planted):
+            ids += filler[prev:cut] + fact
+            prev = cut
+        ids += filler[prev:]
+        copy_from = rng.randrange(0, max(1, len(ids) // 2 - copy_len))
+        copy_rows = [len(ids) + i for i in range(copy_len - 1)]  # each predicts the next token of the copied passage
+        ids += ids[copy_from:copy_from + copy_len]
+        recall_rows = []
+        for tokens, first in recalls:
+            recall_rows += [len(ids) + i for i in range(first, len(tokens) - 1)]
+            ids += tokens
+        candidates = recall_rows + copy_rows
+        picked = sorted(rng.sample(candidates, min(rows, len(candidates))))
+        ids = (ids + filler)[:seq_len]  # fill up when the tokenizer merged across pieces
+        out.append(RetrievalSample(torch.tensor(ids, dtype=torch.long),
+                                   torch.tensor([r for r in picked if r < seq_len], dtype=torch.long)))
+    return out

@@ -14,26 +14,49 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ilc.runtime import PoDCache, Plan, remove_plan
 
-from .baselines import StreamingCache, apply_streaming, equal_memory_window, uniform_plan
+from .baselines import equal_memory_window, streaming_plan, uniform_plan
 from .data import Document
 from .tasks import TaskSample, make_sample, score
 
-METHODS = {
-    "full": "the uncompressed model (dense cache)",
-    "plan": "the plan, scores mode (training-free)",
-    "plan-keys": "the plan in keys mode (own query on the anchor's keys; for adapted models)",
-    "streaming": "StreamingLLM with the plan's sinks and window (distant tokens dropped)",
-    "streaming-equal": "StreamingLLM with the window enlarged to the plan's bytes",
-    "uniform-2": "uniform blocks of 2 layers, the plan's windows",
-    "uniform-3": "uniform blocks of 3 layers, the plan's windows",
-    "uniform-4": "uniform blocks of 4 layers, the plan's windows",
-}
+
+@dataclass(frozen=True)
+class Method:
+    """One way of running the model in `ilc eval`: the plan it applies for a prompt of `context` tokens."""
+
+    name: str
+    description: str
+    plan_for: Callable[[Plan, int], Plan | None]  # (plan under test, context) -> plan to apply; None = dense
+    mode: str | None = None  # override of the plan's mode
+
+    def apply(self, model, plan: Plan, context: int) -> None:
+        chosen = self.plan_for(plan, context)
+        if chosen is not None:
+            chosen.apply(model, mode=self.mode)
+
+    @staticmethod
+    def undo(model) -> None:
+        remove_plan(model)
+
+
+METHODS = {m.name: m for m in (
+    Method("full", "the uncompressed model (dense cache)", lambda plan, n: None),
+    Method("plan", "the plan, scores mode (training-free)", lambda plan, n: plan),
+    Method("plan-keys", "the plan in keys mode (own query on the anchor's keys; for adapted models)",
+           lambda plan, n: plan, mode="keys"),
+    Method("streaming", "StreamingLLM with the plan's sinks and window (distant tokens dropped)",
+           lambda plan, n: streaming_plan(plan, plan.window)),
+    Method("streaming-equal", "StreamingLLM with the window enlarged to the plan's bytes",
+           lambda plan, n: streaming_plan(plan, equal_memory_window(plan, n))),
+    *(Method(f"uniform-{k}", f"uniform blocks of {k} layers, the plan's windows",
+             lambda plan, n, k=k: uniform_plan(plan, k)) for k in (2, 3, 4)),
+)}
 RULER_TASKS = ("multikey", "multivalue", "vartrack", "commonwords", "qa")
 
 
@@ -63,25 +86,15 @@ def applied(method: str, model, plan: Plan, context: int):
     """Run `model` as `method` inside the block; restores it after."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    remove = None
-    if method == "plan":
-        plan.apply(model)
-    elif method == "plan-keys":
-        plan.apply(model, mode="keys")
-    elif method.startswith("uniform-"):
-        uniform_plan(plan, int(method.split("-")[1])).apply(model)
-    elif method == "streaming":
-        remove = apply_streaming(model, plan.sinks, plan.window)
-    elif method == "streaming-equal":
-        remove = apply_streaming(model, plan.sinks, equal_memory_window(plan, context))
+    METHODS[method].apply(model, plan, context)
     try:
         yield
     finally:
-        remove() if remove else remove_plan(model)
+        Method.undo(model)
 
 
 def kv_bytes(cache) -> int:
-    if isinstance(cache, (PoDCache, StreamingCache)):
+    if isinstance(cache, PoDCache):
         return cache.nbytes()
     return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
                for l in cache.layers)
@@ -248,3 +261,15 @@ def plot_niah(records: list[dict], methods: list[str], path: str | Path) -> Path
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+@torch.no_grad()
+def held_bytes(plan: Plan, context: int, dtype=torch.float32, batch: int = 1) -> tuple[int, int]:
+    """(held, dense) bytes of a real `PoDCache` for `plan` after one prefill of `context` tokens: zeros go
+    through every layer's update, so the allocation is exactly what a model run would leave (no model needed)."""
+    m = plan.model
+    cache = PoDCache(plan)
+    k = torch.zeros(batch, m.num_kv_heads, context, m.head_dim, dtype=dtype)
+    for layer in range(m.num_layers):
+        cache.update(k, k, layer)
+    return cache.nbytes(), cache.dense_bytes()

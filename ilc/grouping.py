@@ -11,11 +11,16 @@ Methods, registered by name:
   path on the graph of admissible segments (networkx), ties broken by least loss; or, for a target number of
   followers over all heads (a target saving), the least total loss, by dynamic programming per head and a
   knapsack across heads.
+
+Mixed plans (`assign_mixed`) add a third option per (layer, head), a STREAMING head with its own window, each
+option priced by its measured output error and its saving: a DP per head under a Lagrange multiplier found by
+bisection.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import networkx as nx
@@ -136,3 +141,96 @@ def blocks_min_similarity(sim: np.ndarray, blocks: Blocks) -> list[float | None]
 
 
 METHODS = ("paper", "optimal")
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """What each option costs for one KV head (errors in [0, 1], savings as shares of the dense cache).
+
+    follower_error[a, f]: layer f follows anchor a (a < f < a + max_size); follower_saving: one follower's saving;
+    streaming_error[layer, k] and streaming_saving[k]: the layer as a STREAMING head with windows[k];
+    allowed: which of "follower", "streaming" may be chosen ("full" always may)."""
+
+    follower_error: np.ndarray
+    follower_saving: float
+    streaming_error: np.ndarray
+    streaming_saving: np.ndarray
+    windows: tuple[int, ...]
+    allowed: frozenset
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One block of a mixed assignment: shared layers (first = anchor), or one streaming layer with a window."""
+
+    layers: tuple[int, ...]
+    streaming_window: int | None = None
+
+
+def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | None):
+    """Exact DP over one head's layers for the Lagrangian cost sum(error) - lam * sum(saving).
+
+    Returns (segments, total error, total saving). Options whose error exceeds `max_error` are not allowed."""
+    n = opt.follower_error.shape[0]
+    best = [0.0] + [math.inf] * n
+    how: list = [None] * (n + 1)
+    stream_cost = opt.streaming_error - lam * opt.streaming_saving[None, :]
+    if max_error is not None:
+        stream_cost = np.where(opt.streaming_error > max_error, math.inf, stream_cost)
+    for end in range(1, n + 1):
+        for a in range(max(0, end - max_size), end):
+            errs = opt.follower_error[a, a + 1:end]
+            if end - a > 1 and ("follower" not in opt.allowed or (max_error is not None and errs.max() > max_error)):
+                continue
+            cost = best[a] + float(errs.sum()) - lam * opt.follower_saving * (end - a - 1)
+            if cost < best[end]:
+                best[end], how[end] = cost, (a, None)
+        if "streaming" in opt.allowed and len(opt.windows):
+            k = int(np.argmin(stream_cost[end - 1]))
+            cost = best[end - 1] + float(stream_cost[end - 1, k])
+            if cost < best[end]:
+                best[end], how[end] = cost, (end - 1, k)
+    segments, end, error, saving = [], n, 0.0, 0.0
+    while end > 0:
+        a, k = how[end]
+        if k is None:
+            segments.append(Segment(tuple(range(a, end))))
+            error += float(opt.follower_error[a, a + 1:end].sum())
+            saving += opt.follower_saving * (end - a - 1)
+        else:
+            segments.append(Segment((a,), opt.windows[k]))
+            error += float(opt.streaming_error[a, k])
+            saving += float(opt.streaming_saving[k])
+        end = a
+    return segments[::-1], error, saving
+
+
+def assign_mixed(options: Sequence[HeadOptions], max_size: int, target_saving: float | None = None,
+                 max_error: float | None = None, iterations: int = 60):
+    """Per head, the segments with the least total error whose total saving reaches `target_saving` (a share of
+    the dense cache over all heads), or, without a target, the most saving with every option's error at most
+    `max_error`. Heads are independent for a fixed Lagrange multiplier, so each is an exact DP; the multiplier is
+    found by bisection (the result lies on the lower convex hull of error against saving). Raises ValueError
+    when the target is out of reach. Returns (segments per head, total error, total saving)."""
+    def solve(lam):
+        picks = [assign_head(o, lam, max_size, max_error) for o in options]
+        return [p[0] for p in picks], sum(p[1] for p in picks), sum(p[2] for p in picks)
+
+    most = solve(1e6)  # saving dominates: the most any assignment can save under the limits
+    if target_saving is None:
+        return most
+    if most[2] < target_saving - 1e-12:
+        raise ValueError(f"the options save at most {most[2]:.1%} of the KV cache under the group-size and error "
+                         "limits")
+    lo, hi = 0.0, 1.0
+    while solve(hi)[2] < target_saving:
+        hi *= 4
+        if hi > 1e6:
+            return most
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if solve(mid)[2] >= target_saving:
+            hi = mid
+        else:
+            lo = mid
+    return solve(hi)

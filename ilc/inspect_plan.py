@@ -1,14 +1,17 @@
-"""Explain a plan: blocks per KV head, windows, provenance, and what it saves at each context length.
+"""Explain a plan: kinds and blocks per KV head, windows, provenance, and what it saves at each context length.
 
-`format_plan` returns the text `ilc inspect` prints; `plot_plan` draws the similarity heatmaps with block
-boundaries and the proximal-coverage curve (needs the optional matplotlib extra).
+`format_plan` returns the text `ilc inspect` prints; `plot_plan` draws the kind of every (layer, KV head), the
+similarity heatmaps with block boundaries, and the proximal-coverage curve (needs the optional matplotlib extra).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ilc.runtime.heads import KIND_NAMES, HeadKind, stored_vectors
 from ilc.runtime.plan import Plan
+
+KIND_LETTERS = {HeadKind.FULL: "F", HeadKind.FOLLOWER: "f", HeadKind.STREAMING: "s"}
 
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -41,10 +44,22 @@ def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, ba
         lines.append(f"calibrated on: {cal.get('data')} [{cal.get('data_digest')}], {cal.get('samples')} x "
                      f"{cal.get('seq_len')} tokens, {cal.get('query_rows')} query rows per sample, "
                      f"transformers {cal.get('transformers_version')}, ilc {cal.get('ilc_version')}")
+    if c.get("assignment"):
+        lines.append(f"kinds: {', '.join(c.get('kinds', []))} or full, chosen by {c['assignment']}"
+                     + (f", max error per head {c['max_error']}" if c.get("max_error") is not None else "")
+                     + (f"; total output error {c['total_error']}" if c.get("total_error") is not None else ""))
     lines.append("")
-    lines.append("blocks per KV head (anchor layer first; [min follower similarity]):")
+    lines.append("kind per layer and KV head (F full, f follower, s streaming):")
+    table = plan.head_table()
+    lines.append("  layer   " + " ".join(f"{i % 10}" for i in range(m.num_layers)))
+    for h in range(m.num_kv_heads):
+        lines.append(f"  head {h:<3}" + " ".join(KIND_LETTERS[table[i][h].kind] for i in range(m.num_layers)))
+    lines.append("  " + ", ".join(f"{n} {name}" for name, n in plan.kind_counts().items()) + " (layer, KV head) pairs")
+    lines.append("")
+    lines.append("blocks per KV head (anchor layer first; [min follower similarity]; sN = streaming, window N):")
     for h, blocks in enumerate(plan.blocks):
-        parts = [_span(b.layers) + (f" [{b.similarity:.2f}]" if b.similarity is not None else "") for b in blocks]
+        parts = [_span(b.layers) + (f" s{b.window}" if b.kind == "streaming" else "")
+                 + (f" [{b.similarity:.2f}]" if b.similarity is not None else "") for b in blocks]
         lines.append(f"  head {h}: {len(blocks)} blocks, {sum(len(b.followers) for b in blocks)} followers: "
                      + " | ".join(parts))
     lines.append(f"mean blocks per KV head: {plan.mean_blocks_per_head:.1f} of {m.num_layers} layers")
@@ -57,8 +72,16 @@ def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, ba
         mark = " <- --context" if n == context else ""
         lines.append(f"{n:>8} {_mib(dense):>10} {_mib(planned):>11} {plan.estimated_saving(n):>6.1%}{mark}")
     ceiling = plan.estimated_saving(10**9)
-    lines.append(f"(saving grows with context towards {ceiling:.1%}: the {plan.sinks + plan.window} proximal tokens "
-                 "are never shared)")
+    lines.append(f"(saving grows with context towards {ceiling:.1%}: proximal tokens are always kept)")
+    lines.append("")
+    lines.append(f"bytes by kind at {context} tokens:")
+    per_vector = batch * m.head_dim * dtype_bytes
+    for kind, name in KIND_NAMES.items():
+        specs = [spec for row in table for spec in row if spec.kind == kind]
+        held = sum(stored_vectors(spec, context, plan.sinks) for spec in specs) * per_vector
+        dense = 2 * context * len(specs) * per_vector
+        if specs:
+            lines.append(f"  {name:<10} {len(specs):>4} heads {_mib(held):>11} held of {_mib(dense):>11} dense")
     if context > m.max_context:
         lines.append(f"warning: --context {context} exceeds the model's limit of {m.max_context}")
     return "\n".join(lines)
@@ -81,7 +104,9 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     n = plan.num_layers
     sim = plan.similarity.get("per_head")
     heads = plan.num_kv_heads
-    fig, axes = plt.subplots(1, heads + 1, figsize=(4.2 * (heads + 1), 4.2))
+    fig, axes = plt.subplots(1, heads + 2, figsize=(4.2 * (heads + 2), 4.2))
+    _plot_kinds(plan, axes[0], plt, np)
+    axes = axes[1:]
     for h in range(heads):
         ax = axes[h]
         mat = np.full((n, n), np.nan)
@@ -92,6 +117,8 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
                     mat[a, a + 1 + k] = v
         image = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", origin="upper")
         for b in plan.blocks[h]:
+            if b.kind == "streaming":
+                continue
             lo, hi = b.layers[0] - 0.5, b.layers[-1] + 0.5
             ax.add_patch(plt.Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="red", linewidth=1.2))
         ax.set_title(f"KV head {h}: {len(plan.blocks[h])} blocks")
@@ -116,3 +143,24 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _plot_kinds(plan: Plan, ax, plt, np) -> None:
+    """The kind of every (layer, KV head), streaming heads labelled with their window."""
+    from matplotlib.colors import ListedColormap
+
+    table = plan.head_table()
+    grid = np.array([[int(spec.kind) for spec in row] for row in table]).T  # [heads, layers]
+    ax.imshow(grid, cmap=ListedColormap(["#4c72b0", "#dd8452", "#55a868"]), vmin=0, vmax=2, aspect="auto")
+    for layer, row in enumerate(table):
+        for h, spec in enumerate(row):
+            if spec.kind == HeadKind.STREAMING:
+                ax.text(layer, h, str(spec.window), ha="center", va="center", fontsize=5, rotation=90)
+    ax.set_yticks(range(plan.num_kv_heads))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KV head")
+    counts = plan.kind_counts()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#4c72b0", "#dd8452", "#55a868")]
+    ax.legend(handles, [f"{k} ({counts[k]})" for k in ("full", "follower", "streaming")], fontsize=7,
+              loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    ax.set_title("kind per head (streaming: window)")

@@ -13,7 +13,7 @@ samples, sampled rows and the query heads of KV head h.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -88,3 +88,28 @@ def output_similarity(records: list[SampleRecord], sinks: int, window: int, span
 
 
 CRITERIA: dict[str, Callable[..., np.ndarray]] = {"jsd": jsd_similarity, "output": output_similarity}
+
+
+def streaming_error(records: list[SampleRecord], sinks: int, windows: Sequence[int]) -> np.ndarray:
+    """err[h, layer, k]: relative change of KV head h's attention output at `layer` when it keeps only the sinks
+    and the last windows[k] tokens (a STREAMING head: distant tokens dropped, the rest renormalized), averaged over
+    samples, sampled rows and the query heads of h; clipped to [0, 1] like the follower criterion."""
+    num_layers, hq = records[0].probs.shape[:2]
+    hkv = records[0].values.shape[1]
+    group = hq // hkv
+    err = np.zeros((hkv, num_layers, len(windows)))
+    for r in records:
+        t = r.probs.shape[-1]
+        causal = (torch.arange(t)[None, :] <= r.rows[:, None]).float()
+        keeps = [causal - distant_mask(r.rows, t, sinks, w).float() for w in windows]  # [R, T] each
+        for layer in range(num_layers):
+            v = r.values[layer].float().repeat_interleave(group, dim=0)  # [Hq, T, D]
+            p = r.probs[layer].float()
+            o_full = p @ v
+            norm = o_full.norm(dim=-1).clamp_min(1e-6)
+            for k, keep in enumerate(keeps):
+                pk = p * keep
+                o_new = (pk @ v) / pk.sum(-1, keepdim=True).clamp_min(1e-30)
+                rel = ((o_new - o_full).norm(dim=-1) / norm).mean(-1)  # [Hq]
+                err[:, layer, k] += _per_kv_head(rel, hkv).clamp(0, 1).numpy()
+    return err / len(records)

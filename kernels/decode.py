@@ -1,14 +1,17 @@
 """Decode attention (one new token per row) over the PoD cache layout: split-K, then a log-sum-exp merge.
 
-One launch serves every KV head of a layer (in keys mode, one per anchor whose keys followers read). A program
-handles all query heads of one KV head (GQA: each key/value tile is loaded once) for one split of the slots
-after the sinks; split 0 also takes the row's sinks. What a head reads depends on its kind (a per-head table):
-- ANCHOR: its own full keys everywhere; if the head has followers, it writes its logits of this step into the
-  step-logits buffer (one row per query head, reused by every block in turn);
+One launch serves the FULL and FOLLOWER KV heads of a layer (in keys mode, one per anchor whose keys followers
+read), and one more serves each group of STREAMING heads with the same window. A program handles all query heads
+of one KV head (GQA: each key/value tile is loaded once) for one split of the slots after the sinks; split 0
+also takes the row's sinks. What a head reads depends on its kind, a row of the head table (columns:
+`ilc.runtime.heads.LaunchColumn`):
+- ANCHOR (a FULL head): its own full keys and values everywhere; if the head has followers, it writes its
+  logits of this step into the step-logits buffer (one row per query head, reused by every block in turn);
 - FOLLOWER_LOGITS (scores mode): own keys for the sinks and the recent window (read in place from the ring
   buffer, slot % window), and for distant slots the anchor's logits: 4 bytes per query head and position
   instead of the anchor's keys. Values are always the layer's own;
-- FOLLOWER_KEYS (keys mode): the same proximal part; distant slots use its own query and the anchor's keys.
+- FOLLOWER_KEYS (keys mode): the same proximal part; distant slots use its own query and the anchor's keys;
+- STREAMING: its sinks and its ring of the last WINDOW slots, keys and values; nothing else.
 Every program writes its partial output and log-sum-exp (-inf when empty); the merge writes every output element.
 """
 
@@ -17,10 +20,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# head kinds (rows of the per-layer head table); constexpr so that the kernels can read them
-ANCHOR = tl.constexpr(0)
-FOLLOWER_LOGITS = tl.constexpr(1)
-FOLLOWER_KEYS = tl.constexpr(2)
+from ilc.runtime.heads import FOLLOWER_KEYS as _FOLLOWER_KEYS
+from ilc.runtime.heads import HeadKind, LaunchColumn
+
+# head kinds and head-table columns (defined once in ilc.runtime.heads); constexpr so that the kernels read them
+ANCHOR = tl.constexpr(int(HeadKind.FULL))
+FOLLOWER_LOGITS = tl.constexpr(int(HeadKind.FOLLOWER))
+STREAMING = tl.constexpr(int(HeadKind.STREAMING))
+FOLLOWER_KEYS = tl.constexpr(_FOLLOWER_KEYS)
+NCOL = tl.constexpr(len(LaunchColumn))
+COL_KV_HEAD = tl.constexpr(int(LaunchColumn.KV_HEAD))
+COL_KIND = tl.constexpr(int(LaunchColumn.KIND))
+COL_OWN = tl.constexpr(int(LaunchColumn.OWN))
+COL_DIST = tl.constexpr(int(LaunchColumn.DIST))
+COL_VALUE = tl.constexpr(int(LaunchColumn.VALUE))
+COL_WRITES = tl.constexpr(int(LaunchColumn.WRITES_LOGITS))
 
 
 @triton.jit
@@ -45,35 +59,37 @@ def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _sink_tile(SINK_K, V, b, own, kvh, rs, total, d, s_skb, s_skh, s_skn, s_vb, s_vh, s_vn,
+def _sink_tile(SINK_K, V, b, own, vh, rs, total, d, s_skb, s_skh, s_skn, s_vb, s_vh, s_vn,
                SINKS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Own keys and values of a row's first SINKS real tokens (slots rs .. rs+SINKS-1); `ok` masks missing ones.
-    SINK_K holds the i-th sink key at row i: a follower's sink buffer, or an anchor's full keys offset by rs."""
+    SINK_K holds the i-th sink key at row i: a follower's sink buffer, or an anchor's full keys offset by rs.
+    V holds the sink at slot rs + i: full-length values, or a streaming sink buffer offset by -rs."""
     idx = tl.arange(0, BLOCK_S)
     slot = rs + idx
     ok = (idx < SINKS) & (slot < total)
     k = tl.load(SINK_K + b * s_skb + own * s_skh + idx[:, None] * s_skn + d[None, :], mask=ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + vh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
     return k, v, slot, ok
 
 
 @triton.jit
 def _decode_split(
-    Q, ANCHOR_K, SINK_K, RING_K, DIST_K, V, LOGITS, ROW_START, MID_O, MID_LSE, TABLE,
+    Q, ANCHOR_K, SINK_K, RING_K, DIST_K, V, SINK_V, RING_V, LOGITS, ROW_START, MID_O, MID_LSE, TABLE,
     total, rs_min, scaling, split_len, n_qheads,
     s_qb, s_qh, s_akb, s_akh, s_akn, s_skb, s_skh, s_skn, s_rkb, s_rkh, s_rkn, s_dkb, s_dkh, s_dkn,
-    s_vb, s_vh, s_vn, s_lb, s_lh,
+    s_vb, s_vh, s_vn, s_svb, s_svh, s_svn, s_rvb, s_rvh, s_rvn, s_lb, s_lh,
     SINKS: tl.constexpr, BLOCK_S: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_CAP: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b = tl.program_id(0)
-    p = tl.program_id(1)  # row of TABLE: (kv head, kind, own index, index in DIST_K, writes logits)
+    p = tl.program_id(1)  # row of TABLE (columns: LaunchColumn)
     split = tl.program_id(2)
-    kvh = tl.load(TABLE + p * 5)
-    kind = tl.load(TABLE + p * 5 + 1)
-    own = tl.load(TABLE + p * 5 + 2)  # index in ANCHOR_K (anchor) or in SINK_K / RING_K (follower)
-    dpos = tl.load(TABLE + p * 5 + 3)
-    writes = tl.load(TABLE + p * 5 + 4) != 0
+    kvh = tl.load(TABLE + p * NCOL + COL_KV_HEAD)
+    kind = tl.load(TABLE + p * NCOL + COL_KIND)
+    own = tl.load(TABLE + p * NCOL + COL_OWN)  # index in ANCHOR_K, in SINK_K / RING_K, or in the streaming buffers
+    dpos = tl.load(TABLE + p * NCOL + COL_DIST)
+    vh = tl.load(TABLE + p * NCOL + COL_VALUE)  # index in V (full-length values)
+    writes = tl.load(TABLE + p * NCOL + COL_WRITES) != 0
     rs = tl.load(ROW_START + b)
     g = tl.arange(0, BLOCK_G)
     gmask = g < GROUP
@@ -88,10 +104,13 @@ def _decode_split(
     if SINKS > 0:
         if split == 0:  # the row's first SINKS real slots, own keys
             if kind == ANCHOR:  # full keys: the sinks sit at the row's slots rs, rs + 1, ...
-                k, v, slot, ok = _sink_tile(ANCHOR_K + rs * s_akn, V, b, own, kvh, rs, total, d, s_akb, s_akh, s_akn,
+                k, v, slot, ok = _sink_tile(ANCHOR_K + rs * s_akn, V, b, own, vh, rs, total, d, s_akb, s_akh, s_akn,
                                             s_vb, s_vh, s_vn, SINKS, BLOCK_S)
+            elif kind == STREAMING:  # own sink buffers for keys and values
+                k, v, slot, ok = _sink_tile(SINK_K, SINK_V - rs * s_svn, b, own, own, rs, total, d, s_skb, s_skh,
+                                            s_skn, s_svb, s_svh, s_svn, SINKS, BLOCK_S)
             else:
-                k, v, slot, ok = _sink_tile(SINK_K, V, b, own, kvh, rs, total, d, s_skb, s_skh, s_skn,
+                k, v, slot, ok = _sink_tile(SINK_K, V, b, own, vh, rs, total, d, s_skb, s_skh, s_skn,
                                             s_vb, s_vh, s_vn, SINKS, BLOCK_S)
             s = tl.where(ok[None, :], _dot(q, tl.trans(k), UPCAST) * scaling, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
@@ -110,7 +129,16 @@ def _decode_split(
             tl.store(LOGITS + b * s_lb + qh[:, None] * s_lh + slot[None, :], s,
                      mask=gmask[:, None] & ok[None, :] & writes)
             s = tl.where(ok[None, :], s, float("-inf"))
-            v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V + b * s_vb + vh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+    elif kind == STREAMING:
+        for start in range(tl.maximum(lo, total - WINDOW), hi, BLOCK_N):  # its window only, keys and values in rings
+            slot = start + tl.arange(0, BLOCK_N)
+            ok = (slot < hi) & (slot >= row_lo)
+            ring = (slot % WINDOW)[:, None]
+            k = tl.load(RING_K + b * s_rkb + own * s_rkh + ring * s_rkn + d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.where(ok[None, :], _dot(q, tl.trans(k), UPCAST) * scaling, float("-inf"))
+            v = tl.load(RING_V + b * s_rvb + own * s_rvh + ring * s_rvn + d[None, :], mask=ok[:, None], other=0.0)
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
     else:
         dist_hi = tl.minimum(hi, total - WINDOW)
@@ -125,7 +153,7 @@ def _decode_split(
                             mask=ok[:, None], other=0.0)
                 s = _dot(q, tl.trans(k), UPCAST) * scaling
             s = tl.where(ok[None, :], s, float("-inf"))
-            v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V + b * s_vb + vh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
         for start in range(tl.maximum(lo, total - WINDOW), hi, BLOCK_N):  # recent window: own keys, in the ring
             slot = start + tl.arange(0, BLOCK_N)
@@ -133,7 +161,7 @@ def _decode_split(
             k = tl.load(RING_K + b * s_rkb + own * s_rkh + (slot % WINDOW)[:, None] * s_rkn + d[None, :],
                         mask=ok[:, None], other=0.0)
             s = tl.where(ok[None, :], _dot(q, tl.trans(k), UPCAST) * scaling, float("-inf"))
-            v = tl.load(V + b * s_vb + kvh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V + b * s_vb + vh * s_vh + slot[:, None] * s_vn + d[None, :], mask=ok[:, None], other=0.0)
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
 
     has = l_i > 0

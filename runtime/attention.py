@@ -1,13 +1,16 @@
 """The attention function registered with transformers for PoD-compressed caches.
 
-Rule, for a query at slot i and a key at slot j <= i of the same row (rs = the row's first real slot):
-- proximal if j - rs < sinks or i - j < window: logit = own query . own key;
-- distant otherwise: logit = q_d . anchor key, where q_d is the anchor layer's query ("scores" mode,
-  training-free: a follower reproduces its anchor's distant logits) or the layer's own query ("keys" mode);
-- one softmax over all logits, then the layer's own values.
+Rule, for a query at slot i and a key at slot j <= i of the same row (rs = the row's first real slot), per
+KV head by its kind (`ilc.runtime.heads`):
+- FULL: ordinary causal attention over own keys and values;
+- FOLLOWER: proximal if j - rs < sinks or i - j < window: logit = own query . own key; distant otherwise:
+  logit = q_d . anchor key, where q_d is the anchor layer's query ("scores" mode, training-free: a follower
+  reproduces its anchor's distant logits) or the layer's own query ("keys" mode); one softmax over all
+  logits, then the layer's own values;
+- STREAMING: proximal keys only (sinks and the head's own window); distant tokens are not attended.
 
-On CUDA the Triton kernels of `ilc.kernels` run it; elsewhere `reference_attention` below does, with
-PyTorch SDPA over query chunks so that an 8k prefill stays within a few GB.
+On CUDA the Triton kernels of `ilc.kernels` run it (through `ilc.runtime.kernel_dispatch`); elsewhere
+`reference_attention` below does, with PyTorch SDPA over query chunks so that an 8k prefill stays within a few GB.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def pod_attention(module, query, key, value, attention_mask=None, scaling=None, 
     if state.mode == "scores" and layer.layer_idx in layer.cache.last_reader:
         state.queries[layer.layer_idx] = query
     if state.kernels or (state.kernels is None and query.is_cuda):
-        from ilc.kernels import pod_attention_triton
+        from .kernel_dispatch import pod_attention_triton
 
         out = pod_attention_triton(query, key, value, scaling)
     else:
@@ -70,7 +73,7 @@ def follower_groups(layer: PoDLayer) -> dict[int, list[int]]:
 
 def distant_query(view: PoDKeys, anchor: int, query: torch.Tensor, heads: list[int]) -> torch.Tensor:
     """q_d for `heads` of this layer: its own query ("keys") or the anchor's query of this forward ("scores")."""
-    group = query.shape[1] // view.layer.values.shape[1]
+    group = query.shape[1] // len(view.layer.specs)
     if view.state.mode == "keys":
         return query[:, query_heads(heads, group)]
     anchor_query = view.state.queries.get(anchor)
@@ -84,12 +87,12 @@ def reference_attention(query: torch.Tensor, view: PoDKeys, values: torch.Tensor
     """PoD attention in PyTorch. query [B, Hq, q, D] at slots [view.start, view.total); returns [B, Hq, q, D]."""
     layer = view.layer
     b, hq, q, d = query.shape
-    group = hq // values.shape[1]
+    group = hq // len(layer.specs)
     out = query.new_empty(b, hq, q, d)
     if layer.anchor_heads:
         qi = query_heads(layer.anchor_heads, group)
-        out[:, qi] = _dense_part(query[:, qi], layer.anchor_keys[:, :, :view.total], values[:, layer.anchor_heads],
-                                 view, scaling)
+        out[:, qi] = dense_attention(query[:, qi], layer.anchor_keys[:, :, :view.total],
+                                 values[:, [layer.value_pos[h] for h in layer.anchor_heads]], view, scaling)
     for anchor, positions in follower_groups(layer).items():
         heads = [layer.follower_heads[p] for p in positions]
         qi = query_heads(heads, group)
@@ -98,9 +101,47 @@ def reference_attention(query: torch.Tensor, view: PoDKeys, values: torch.Tensor
         out[:, qi] = _split_part(
             query[:, qi], distant_query(view, anchor, query, heads),
             sink_keys=layer.sink_keys[:, positions], recent_keys=view.recent_keys[:, positions],
-            anchor_keys=anchor_layer.anchor_keys[:, idx, :view.total], values=values[:, heads],
-            view=view, scaling=scaling,
+            anchor_keys=anchor_layer.anchor_keys[:, idx, :view.total],
+            values=values[:, [layer.value_pos[h] for h in heads]], view=view, scaling=scaling,
         )
+    for index, stream in enumerate(layer.stream_groups):
+        qi = query_heads(stream.heads, group)
+        recent_start, recent_k, recent_v = view.streaming_recent(index)
+        out[:, qi] = streaming_part(query[:, qi], stream.sink_k, stream.sink_v, recent_k, recent_v, view=view,
+                                    recent_start=recent_start, window=stream.window, scaling=scaling)
+    return out
+
+
+def streaming_part(query, sink_keys, sink_values, recent_keys, recent_values, *, view: PoDKeys, recent_start: int,
+                   window: int, scaling: float) -> torch.Tensor:
+    """STREAMING heads: attention over each row's sinks and the head's last `window` slots, own K and V.
+
+    sink_* [B, H, S, D] hold each row's first real tokens; recent_* hold slots [recent_start, view.total)."""
+    state = view.state
+    if state.row_start is None:
+        n_sink = min(state.sinks, view.total)
+        out, _ = proximal_attention(query, sink_keys[:, :, :n_sink], sink_values[:, :, :n_sink], recent_keys,
+                                    recent_values, start=view.start, recent_start=recent_start, sinks=state.sinks,
+                                    window=window, scaling=scaling)
+        return out
+    b, nq, q, d = query.shape
+    s, dev = state.sinks, query.device
+    rs = _row_start(view, b, dev)[:, None, None]  # [B, 1, 1]
+    js = (rs[:, 0] + torch.arange(s, device=dev)[None, :])[:, None, :]  # [B, 1, S] slots of each row's sinks
+    out = torch.empty_like(query)
+    for c0 in range(0, q, 256):
+        c1 = min(q, c0 + 256)
+        i = torch.arange(view.start + c0, view.start + c1, device=dev)[:, None]
+        real = i >= rs  # [B, qc, 1]
+        w_lo = max(recent_start, view.start + c0 - window + 1)
+        jw = torch.arange(w_lo, view.start + c1, device=dev)[None, None, :]
+        m_sink = real & (js <= i) & (js < view.total)
+        m_win = (jw <= i) & (jw > i - window) & (~real | (jw >= rs + s))
+        keys = torch.cat([sink_keys, recent_keys[:, :, w_lo - recent_start:c1 + view.start - recent_start]], 2)
+        vals = torch.cat([sink_values, recent_values[:, :, w_lo - recent_start:c1 + view.start - recent_start]], 2)
+        mask = torch.cat([m_sink, m_win], dim=-1)[:, None]
+        out[:, :, c0:c1] = F.scaled_dot_product_attention(query[:, :, c0:c1], keys, vals, attn_mask=mask,
+                                                          scale=scaling, enable_gqa=True)
     return out
 
 
@@ -114,7 +155,7 @@ def _chunks(q: int, keys: int, heads: int, b: int):
     return range(0, q, step), step
 
 
-def _dense_part(query, keys, values, view: PoDKeys, scaling):
+def dense_attention(query, keys, values, view: PoDKeys, scaling):
     """Own-key causal attention for the KV heads this layer anchors (a dense layer for those heads)."""
     b, _, q, _ = query.shape
     t = keys.shape[2]
@@ -189,7 +230,7 @@ def proximal_attention(q, sink_keys, sink_values, recent_keys, recent_values, *,
     """Attention over the sinks and the recent window only (no padding); returns (out, lse).
 
     q [B, Hq, q, D] at slots [start, start + q); sink_* [B, H, n_sink, D] hold slots [0, n_sink); recent_* hold
-    slots [recent_start, start + q). Used by PoD followers (their proximal part) and by the StreamingLLM baseline.
+    slots [recent_start, start + q). Used by PoD followers (their proximal part) and by streaming heads.
     """
     b, nq, n_q, d = q.shape
     group = nq // sink_values.shape[1] if sink_values.shape[1] else nq // recent_values.shape[1]

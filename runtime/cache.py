@@ -1,11 +1,14 @@
 """A transformers `Cache` that stores a PoD plan's layout and really holds fewer bytes.
 
-Per layer, in slot coordinates (slot = position in the padded batch, the same for every row):
-- values of every token, for every KV head;
-- full keys for the KV heads this layer anchors (its block's first layer);
-- for the KV heads where this layer follows an anchor: only its own keys of the sink tokens (the first
-  ``sinks`` real tokens of each row) and of the last ``window`` slots (a ring buffer). A key is overwritten
-  as its token leaves the window; the distant keys come from the anchor layer.
+Per layer, in slot coordinates (slot = position in the padded batch, the same for every row), by head kind
+(`ilc.runtime.heads`):
+- values of every token for its FULL and FOLLOWER heads (``values``, indexed by `value_pos`);
+- full keys for its FULL heads (anchors and dense heads);
+- FOLLOWER heads: only their own keys of the sink tokens (the first ``sinks`` real tokens of each row) and of
+  the last ``window`` slots (a ring buffer). A key is overwritten as its token leaves the window; the distant
+  keys come from the anchor layer;
+- STREAMING heads: keys and values of the sinks and of their own last ``window`` slots (one ring per window
+  size), nothing else.
 
 `update` cannot return a dense key tensor for such a layer, so it returns a `PoDKeys` view that the
 registered attention function (`ilc.runtime.attention`) understands. Storage grows in chunks of about 1/128
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .heads import HeadKind, HeadSpec, stored_vectors
 from .plan import Plan
 
 
@@ -54,13 +58,40 @@ class PoDKeys:
     def state(self) -> CacheState:
         return self.layer.state
 
+    stream_recent: dict = field(default_factory=dict)  # StreamGroup index -> (recent_start, keys, values)
+
     @property
     def recent_keys(self) -> torch.Tensor | None:
         """[B, Hf, n, D] own keys of follower heads for slots [recent_start, total). A one-token update copies
         them out of the ring only if asked: the Triton decode kernel reads the ring in place."""
         if self.chunk_recent is None and self.layer.follower_heads:
-            self.chunk_recent = self.layer._ring_read(self.recent_start, self.total)
+            self.chunk_recent = _ring_read(self.layer.ring_keys, self.state.window, self.recent_start, self.total)
         return self.chunk_recent
+
+    def streaming_recent(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(recent_start, keys, values [B, n, slots, D]) of stream group `index` for the slots its queries see."""
+        if index not in self.stream_recent:
+            group = self.layer.stream_groups[index]
+            lo = max(0, self.total - group.window)
+            self.stream_recent[index] = (lo, _ring_read(group.ring_k, group.window, lo, self.total),
+                                         _ring_read(group.ring_v, group.window, lo, self.total))
+        return self.stream_recent[index]
+
+
+@dataclass
+class StreamGroup:
+    """The STREAMING heads of one layer that share a window size: their sinks and one ring each of K and V."""
+
+    window: int
+    heads: list[int]  # KV heads
+    sink_k: torch.Tensor | None = None  # [B, n, S, D]: each row's first `sinks` real tokens
+    sink_v: torch.Tensor | None = None
+    ring_k: torch.Tensor | None = None  # [B, n, min(window, capacity), D], slot s at s % window
+    ring_v: torch.Tensor | None = None
+    select: slice | torch.Tensor | None = None  # picks `heads` out of [B, Hkv, ...] (set at initialization)
+
+    def tensors(self) -> tuple:
+        return self.sink_k, self.sink_v, self.ring_k, self.ring_v
 
 
 class LogicalLength:
@@ -90,14 +121,20 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, anchors: list[int], state: CacheState, cache: "PoDCache"):
+    def __init__(self, layer_idx: int, specs: tuple[HeadSpec, ...], state: CacheState, cache: "PoDCache"):
         super().__init__()
         self.layer_idx = layer_idx
         self.state = state
         self.cache = cache
-        self.anchors = anchors  # anchors[kv_head] -> anchor layer for that head
-        self.anchor_heads = [h for h, a in enumerate(anchors) if a == layer_idx]
-        self.follower_heads = [h for h, a in enumerate(anchors) if a != layer_idx]
+        self.specs = specs  # specs[kv_head]: kind, anchor layer, window
+        self.anchors = [s.anchor for s in specs]  # anchors[kv_head] -> layer whose keys serve distant tokens
+        self.anchor_heads = [h for h, s in enumerate(specs) if s.kind == HeadKind.FULL]
+        self.follower_heads = [h for h, s in enumerate(specs) if s.kind == HeadKind.FOLLOWER]
+        self.stream_heads = [h for h, s in enumerate(specs) if s.kind == HeadKind.STREAMING]
+        self.value_heads = [h for h, s in enumerate(specs) if s.kind != HeadKind.STREAMING]
+        self.value_pos = {h: i for i, h in enumerate(self.value_heads)}  # KV head -> index in `values`
+        windows = sorted({specs[h].window for h in self.stream_heads})
+        self.stream_groups = [StreamGroup(w, [h for h in self.stream_heads if specs[h].window == w]) for w in windows]
         self.seen = 0
         self.capacity = 0
         self.anchor_keys: torch.Tensor | None = None  # [B, Ha, cap, D]
@@ -109,11 +146,17 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, _, _, d = key_states.shape
-        self.values = key_states.new_zeros(b, value_states.shape[1], 0, value_states.shape[-1])
-        self.anchor_keys = key_states.new_zeros(b, len(self.anchor_heads), 0, d)
+        new = lambda heads, n: key_states.new_zeros(b, len(heads), n, d)  # noqa: E731
+        self.values = new(self.value_heads, 0)
+        self.anchor_keys = new(self.anchor_heads, 0)
         if self.follower_heads:
-            self.sink_keys = key_states.new_zeros(b, len(self.follower_heads), self.state.sinks, d)
-            self.ring_keys = key_states.new_zeros(b, len(self.follower_heads), 0, d)
+            self.sink_keys = new(self.follower_heads, self.state.sinks)
+            self.ring_keys = new(self.follower_heads, 0)
+        for group in self.stream_groups:
+            group.sink_k, group.sink_v = new(group.heads, self.state.sinks), new(group.heads, self.state.sinks)
+            group.ring_k, group.ring_v = new(group.heads, 0), new(group.heads, 0)
+            group.select = _head_selector(group.heads, self.device)
+        self._value_select = _head_selector(self.value_heads, self.device)
         self._anchor_select = _head_selector(self.anchor_heads, self.device)
         self._follower_select = _head_selector(self.follower_heads, self.device)
         self.is_initialized = True
@@ -124,12 +167,11 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         cap = _grown(total)
         self.values = _resize(self.values, cap, self.seen)
         self.anchor_keys = _resize(self.anchor_keys, cap, self.seen)
-        if self.follower_heads and self.ring_keys.shape[2] < self.state.window:
-            ring = min(self.state.window, cap)
-            grown = self.ring_keys.new_zeros(*self.ring_keys.shape[:2], ring, self.ring_keys.shape[-1])
-            old = self.ring_keys.shape[2]
-            grown[:, :, :old] = self.ring_keys  # while ring < window, no slot has wrapped yet
-            self.ring_keys = grown
+        if self.follower_heads:
+            self.ring_keys = _grow_ring(self.ring_keys, min(self.state.window, cap))
+        for group in self.stream_groups:
+            group.ring_k = _grow_ring(group.ring_k, min(group.window, cap))
+            group.ring_v = _grow_ring(group.ring_v, min(group.window, cap))
         self.capacity = cap
 
     @property
@@ -146,42 +188,35 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         start, n = self.seen, key_states.shape[2]
         total = start + n
         self._reserve(total)
-        self.values[:, :, start:total] = value_states
+        if self.value_heads:
+            self.values[:, :, start:total] = value_states[:, self._value_select]
         if self.anchor_heads:
             self.anchor_keys[:, :, start:total] = key_states[:, self._anchor_select]
         recent, recent_start = None, total
+        window = self.state.window
         if self.follower_heads:
             own = key_states[:, self._follower_select]
-            recent_start = max(0, start - self.state.window + 1)
+            recent_start = max(0, start - window + 1)
             if n > 1:  # read what the chunk's queries need before the ring write drops it
-                old = self._ring_read(recent_start, start)
-                recent = torch.cat([old, own], dim=2) if old.shape[2] else own
-            self._store_sinks(own, start)
-            self._ring_write(own, start)
+                recent = _with_ring(self.ring_keys, window, recent_start, start, own)
+            self._store_sinks(self.sink_keys, own, start)
+            _ring_write(self.ring_keys, window, own, start)
+        view = PoDKeys(self, start, total, recent_start, recent)
+        for index, group in enumerate(self.stream_groups):
+                k, v = key_states[:, group.select], value_states[:, group.select]
+                self._store_sinks(group.sink_k, k, start)
+                self._store_sinks(group.sink_v, v, start)
+                if n > 1:
+                    lo = max(0, start - group.window + 1)
+                    view.stream_recent[index] = (lo, _with_ring(group.ring_k, group.window, lo, start, k),
+                                                 _with_ring(group.ring_v, group.window, lo, start, v))
+                _ring_write(group.ring_k, group.window, k, start)
+                _ring_write(group.ring_v, group.window, v, start)
         self.seen = total
-        return PoDKeys(self, start, total, recent_start, recent), self.values[:, :, :total]
+        return view, self.values[:, :, :total]
 
-    def _ring_slots(self, lo: int, hi: int) -> torch.Tensor:
-        return torch.arange(lo, hi, device=self.device) % self.state.window
-
-    def _ring_read(self, lo: int, hi: int) -> torch.Tensor:
-        if hi <= lo:
-            return self.ring_keys[:, :, :0]
-        return self.ring_keys.index_select(2, self._ring_slots(lo, hi))
-
-    def _ring_write(self, own: torch.Tensor, start: int) -> None:
-        """Store the last `window` of the new keys at ring slots (slot % window): at most two slice copies."""
-        n, w = own.shape[2], self.state.window
-        keep = min(n, w)
-        src = own[:, :, n - keep:]
-        first = (start + n - keep) % w
-        head = min(keep, w - first)
-        self.ring_keys[:, :, first:first + head] = src[:, :, :head]
-        if keep > head:  # wrapped past the end of the ring
-            self.ring_keys[:, :, :keep - head] = src[:, :, head:]
-
-    def _store_sinks(self, own: torch.Tensor, start: int) -> None:
-        """Copy the keys of each row's first `sinks` real tokens that arrive in this update."""
+    def _store_sinks(self, dest: torch.Tensor, own: torch.Tensor, start: int) -> None:
+        """Copy into `dest` [B, H, S, D] the vectors of each row's first `sinks` real tokens in this update."""
         s = self.state.sinks
         if s == 0:
             return
@@ -191,22 +226,25 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if row_start is None:
             if start < s:
                 m = min(s, start + own.shape[2]) - start
-                self.sink_keys[:, :, start:start + m] = own[:, :, :m]
+                dest[:, :, start:start + m] = own[:, :, :m]
             return
         for b, rs in enumerate(row_start.tolist()):
             lo, hi = max(rs, start), min(rs + s, start + own.shape[2])
             if hi > lo:
-                self.sink_keys[b, :, lo - rs:hi - rs] = own[b, :, lo - start:hi - start]
+                dest[b, :, lo - rs:hi - rs] = own[b, :, lo - start:hi - start]
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.anchors, self.state, self.cache)
+        self.__init__(self.layer_idx, self.specs, self.state, self.cache)
 
     def _map_batch(self, fn) -> None:
         for name in ("values", "anchor_keys", "sink_keys", "ring_keys"):
             t = getattr(self, name, None)
             if t is not None:
                 setattr(self, name, fn(t))
+        for group in self.stream_groups:
+            if group.ring_k is not None:
+                group.sink_k, group.sink_v, group.ring_k, group.ring_v = map(fn, group.tensors())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -232,25 +270,26 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
     # ---------------------------------------------------------------------------------------------- accounting
     def nbytes(self) -> int:
         """Bytes this layer holds (allocated storage, slack included)."""
-        tensors = (self.values, self.anchor_keys, self.sink_keys, self.ring_keys)
+        tensors = [self.values, self.anchor_keys, self.sink_keys, self.ring_keys]
+        tensors += [t for group in self.stream_groups for t in group.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def _vector_bytes(self) -> int:
+        """Bytes of one head-token vector times the batch."""
+        return self.values.shape[0] * self.values.shape[-1] * self.values.element_size()
 
     def used_bytes(self) -> int:
         """Bytes of the head-token vectors this layer must keep for `seen` slots (no slack)."""
         if not self.is_initialized:
             return 0
-        b, d, item = self.values.shape[0], self.values.shape[-1], self.values.element_size()
-        n_kv = self.values.shape[1]
-        own_prox = min(self.seen, self.state.sinks + self.state.window)
-        vectors = n_kv * self.seen + len(self.anchor_heads) * self.seen + len(self.follower_heads) * own_prox
-        return vectors * b * d * item
+        vectors = sum(stored_vectors(spec, self.seen, self.state.sinks) for spec in self.specs)
+        return vectors * self._vector_bytes()
 
     def dense_bytes(self) -> int:
         """What a dense cache would hold for the same slots."""
         if not self.is_initialized:
             return 0
-        b, h, _, d = self.values.shape
-        return 2 * b * h * self.seen * d * self.values.element_size()
+        return 2 * len(self.specs) * self.seen * self._vector_bytes()
 
 
 def _head_selector(heads: list[int], device) -> slice | torch.Tensor:
@@ -259,6 +298,40 @@ def _head_selector(heads: list[int], device) -> slice | torch.Tensor:
     if heads and heads == list(range(heads[0], heads[-1] + 1)):
         return slice(heads[0], heads[-1] + 1)
     return torch.tensor(heads, dtype=torch.long, device=device)
+
+
+def _ring_read(ring: torch.Tensor, window: int, lo: int, hi: int) -> torch.Tensor:
+    """Slots [lo, hi) of a ring buffer [B, H, min(window, cap), D] (slot s at s % window)."""
+    if hi <= lo:
+        return ring[:, :, :0]
+    return ring.index_select(2, torch.arange(lo, hi, device=ring.device) % window)
+
+
+def _with_ring(ring: torch.Tensor, window: int, lo: int, start: int, new: torch.Tensor) -> torch.Tensor:
+    """Slots [lo, start) from the ring followed by the update's `new` vectors (read before the ring write)."""
+    old = _ring_read(ring, window, lo, start)
+    return torch.cat([old, new], dim=2) if old.shape[2] else new
+
+
+def _ring_write(ring: torch.Tensor, window: int, new: torch.Tensor, start: int) -> None:
+    """Store the last `window` of `new` (slots start..) at ring slots (slot % window): at most two slice copies."""
+    n = new.shape[2]
+    keep = min(n, window)
+    src = new[:, :, n - keep:]
+    first = (start + n - keep) % window
+    head = min(keep, window - first)
+    ring[:, :, first:first + head] = src[:, :, :head]
+    if keep > head:  # wrapped past the end of the ring
+        ring[:, :, :keep - head] = src[:, :, head:]
+
+
+def _grow_ring(ring: torch.Tensor, size: int) -> torch.Tensor:
+    """The ring with room for `size` slots (its window, or the capacity while that is smaller)."""
+    if ring.shape[2] >= size:
+        return ring
+    grown = ring.new_zeros(*ring.shape[:2], size, ring.shape[-1])
+    grown[:, :, :ring.shape[2]] = ring  # while ring < window, no slot has wrapped yet
+    return grown
 
 
 def _resize(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
@@ -281,15 +354,15 @@ class PoDCache(Cache):
             skip_threshold=plan.skip_threshold if skip_threshold is None else skip_threshold,
             kernels=kernels,
         )
-        table = plan.anchor_table()
+        table = plan.head_table()
         layers = [PoDLayer(i, table[i], self.state, self) for i in range(plan.num_layers)]
         super().__init__(layers=layers)
         # Scores mode: which layers must leave their query for followers, and who reads it last.
         self.last_reader: dict[int, int] = {}
-        for i, anchors in enumerate(table):
-            for a in anchors:
-                if a != i:
-                    self.last_reader[a] = max(self.last_reader.get(a, -1), i)
+        for i, specs in enumerate(table):
+            for spec in specs:
+                if spec.kind == HeadKind.FOLLOWER:
+                    self.last_reader[spec.anchor] = max(self.last_reader.get(spec.anchor, -1), i)
 
     def set_row_start(self, row_start: torch.Tensor | None) -> None:
         """Record each row's first real slot (left padding); sinks are each row's first real tokens."""

@@ -1,11 +1,16 @@
 """The compression plan: the one file the calibration compiler writes and the runtime reads.
 
-A plan says, per KV head, how consecutive layers form blocks. The first layer of a block (its anchor) stores
-the keys of distant tokens; the other layers (followers) reuse them and keep only their own proximal keys
-(the first ``sinks`` tokens and the last ``window`` tokens). Values are never shared.
+A plan says, per KV head, how its layers are split into blocks of consecutive layers:
+- a *shared* block: its first layer (the anchor) stores the keys of distant tokens; the other layers
+  (followers) reuse them and keep only their own proximal keys (the first ``sinks`` tokens and the last
+  ``window`` tokens). Values are never shared. A one-layer shared block is a full (dense) head;
+- a *streaming* block: each of its layers keeps K and V only for the sinks and its own recent ``window``
+  (DuoAttention's streaming heads); distant tokens are dropped for that head.
+`head_table()` turns the blocks into one `HeadSpec` per (layer, KV head) (kind full / follower / streaming).
 
-The file is versioned YAML (``format: ilc-plan/1``) and is validated on load: every rejection names the field.
-This module imports only the standard library, torch-free, plus PyYAML, so serving code stays lean.
+The file is versioned YAML (``format: ilc-plan/2``; ``ilc-plan/1`` files, which have shared blocks only, load
+unchanged) and is validated on load: every rejection names the field. This module imports only the standard
+library, torch-free, plus PyYAML, so serving code stays lean.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-FORMAT = "ilc-plan/1"
+from .heads import KIND_NAMES, HeadKind, HeadSpec, stored_vectors
+
+FORMAT = "ilc-plan/2"
+READABLE_FORMATS = ("ilc-plan/1", FORMAT)
 MODES = ("scores", "keys")
+BLOCK_KINDS = ("shared", "streaming")
 DEFAULT_REPORT_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
 
 
@@ -29,10 +38,12 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Block:
-    """A run of consecutive layers that share one copy of distant keys for one KV head."""
+    """A run of consecutive layers of one KV head: shared (one copy of distant keys) or streaming."""
 
     layers: tuple[int, ...]
-    similarity: float | None = None  # lowest follower-to-anchor similarity under the plan's criterion
+    similarity: float | None = None  # shared: lowest follower-to-anchor similarity under the plan's criterion
+    kind: str = "shared"  # "shared" or "streaming"
+    window: int | None = None  # streaming: recent window of every layer of the block
 
     @property
     def anchor(self) -> int:
@@ -40,7 +51,7 @@ class Block:
 
     @property
     def followers(self) -> tuple[int, ...]:
-        return self.layers[1:]
+        return self.layers[1:] if self.kind == "shared" else ()
 
 
 @dataclass(frozen=True)
@@ -86,21 +97,36 @@ class Plan:
     def num_kv_heads(self) -> int:
         return self.model.num_kv_heads
 
-    def anchor_of(self, layer: int, kv_head: int) -> int:
-        """The layer whose distant keys `layer` uses for `kv_head` (itself when it is an anchor)."""
-        for block in self.blocks[kv_head]:
-            if layer in block.layers:
-                return block.anchor
-        raise PlanError(f"layer {layer} is in no block of KV head {kv_head}")
-
-    def anchor_table(self) -> list[list[int]]:
-        """anchor_table()[layer][kv_head] -> anchor layer."""
-        table = [[0] * self.num_kv_heads for _ in range(self.num_layers)]
+    def head_table(self) -> tuple[tuple[HeadSpec, ...], ...]:
+        """head_table()[layer][kv_head] -> what that head stores (kind, anchor layer, window)."""
+        table = [[None] * self.num_kv_heads for _ in range(self.num_layers)]
         for h, blocks in enumerate(self.blocks):
             for block in blocks:
                 for layer in block.layers:
-                    table[layer][h] = block.anchor
-        return table
+                    if block.kind == "streaming":
+                        spec = HeadSpec(HeadKind.STREAMING, layer, block.window)
+                    elif layer == block.anchor:
+                        spec = HeadSpec(HeadKind.FULL, layer, 0)
+                    else:
+                        spec = HeadSpec(HeadKind.FOLLOWER, block.anchor, self.window)
+                    table[layer][h] = spec
+        return tuple(tuple(row) for row in table)
+
+    def anchor_table(self) -> list[list[int]]:
+        """anchor_table()[layer][kv_head] -> the layer whose keys serve distant tokens (itself unless a follower)."""
+        return [[spec.anchor for spec in row] for row in self.head_table()]
+
+    def kind_counts(self) -> dict[str, int]:
+        """(layer, KV head) pairs per kind: {"full": n, "follower": n, "streaming": n}."""
+        counts = {name: 0 for name in KIND_NAMES.values()}
+        for row in self.head_table():
+            for spec in row:
+                counts[KIND_NAMES[spec.kind]] += 1
+        return counts
+
+    @property
+    def has_streaming(self) -> bool:
+        return any(b.kind == "streaming" for blocks in self.blocks for b in blocks)
 
     @property
     def heads_agree(self) -> bool:
@@ -114,15 +140,11 @@ class Plan:
     def kv_tokens(self, context: int) -> tuple[int, int]:
         """(dense, planned) count of stored K and V head-token vectors for one sequence of `context` tokens.
 
-        Dense stores K and V for every layer and KV head. The plan stores V everywhere, K for every token on
-        anchors, and K for only the sinks plus the last `window` tokens on followers (paper section 4.4).
+        Dense stores K and V for every layer and KV head; the plan what `heads.stored_vectors` says per head
+        (followers: V everywhere, K for the sinks and window; streaming: K and V for the sinks and window).
         """
-        proximal = min(context, self.sinks + self.window)
         dense = 2 * self.num_layers * self.num_kv_heads * context
-        planned = dense
-        for blocks in self.blocks:
-            followers = sum(len(b.followers) for b in blocks)
-            planned -= followers * (context - proximal)
+        planned = sum(stored_vectors(spec, context, self.sinks) for row in self.head_table() for spec in row)
         return dense, planned
 
     def estimated_saving(self, context: int) -> float:
@@ -167,11 +189,8 @@ class Plan:
     # ------------------------------------------------------------------------------------------------ file I/O
     def to_dict(self) -> dict:
         blocks = [[_block_to_yaml(b) for b in head] for head in self.blocks]
-        block_section: dict[str, Any] = {"all_heads": blocks[0]} if self.heads_agree else {"per_head": blocks}
-        if self.heads_agree and len(self.blocks) > 1:  # similarities may differ per head even when layers agree
-            sims = [[b.similarity for b in head] for head in self.blocks]
-            if any(s != sims[0] for s in sims):
-                block_section = {"per_head": blocks}
+        same = all(head == self.blocks[0] for head in self.blocks)  # layers, kinds, windows and similarities
+        block_section: dict[str, Any] = {"all_heads": blocks[0]} if same else {"per_head": blocks}
         return {
             "format": FORMAT,
             "model": asdict(self.model),
@@ -212,8 +231,8 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
     """Build a `Plan` from parsed YAML, checking every field."""
     r = _Reader(raw, source)
     fmt = r.get("format", str)
-    if fmt != FORMAT:
-        raise PlanError(f"{source}: format: expected {FORMAT!r}, got {fmt!r}")
+    if fmt not in READABLE_FORMATS:
+        raise PlanError(f"{source}: format: expected one of {READABLE_FORMATS}, got {fmt!r}")
     m = r.section("model")
     model = ModelSignature(
         name=m.get("name", str),
@@ -234,12 +253,14 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
     blocks_section = sharing.section("blocks")
     if "all_heads" in blocks_section.raw and "per_head" in blocks_section.raw:
         raise PlanError(f"{source}: sharing.blocks: give either all_heads or per_head, not both")
+    streaming_ok = fmt != "ilc-plan/1"
     if "all_heads" in blocks_section.raw:
-        one = _parse_blocks(blocks_section.get("all_heads", list), f"{source}: sharing.blocks.all_heads")
+        one = _parse_blocks(blocks_section.get("all_heads", list), f"{source}: sharing.blocks.all_heads", streaming_ok)
         heads = tuple(one for _ in range(model.num_kv_heads))
     elif "per_head" in blocks_section.raw:
         per = blocks_section.get("per_head", list)
-        heads = tuple(_parse_blocks(h, f"{source}: sharing.blocks.per_head[{i}]") for i, h in enumerate(per))
+        heads = tuple(_parse_blocks(h, f"{source}: sharing.blocks.per_head[{i}]", streaming_ok)
+                      for i, h in enumerate(per))
     else:
         raise PlanError(f"{source}: sharing.blocks: missing all_heads or per_head")
     plan_kwargs = dict(
@@ -315,30 +336,44 @@ def _validate(plan: Plan, source: str) -> None:
                                 "(blocks must cover every layer once, in order)")
             if block.similarity is not None and not -1e-6 <= block.similarity <= 1 + 1e-6:
                 raise PlanError(f"{where}: block {list(block.layers)}: similarity {block.similarity} is not in [0, 1]")
+            if block.kind not in BLOCK_KINDS:
+                raise PlanError(f"{where}: block {list(block.layers)}: kind: expected one of {BLOCK_KINDS}, "
+                                f"got {block.kind!r}")
+            if block.kind == "streaming" and (not isinstance(block.window, int) or block.window < 1):
+                raise PlanError(f"{where}: block {list(block.layers)}: window: a streaming block needs a window "
+                                f">= 1, got {block.window!r}")
+            if block.kind == "shared" and block.window is not None:
+                raise PlanError(f"{where}: block {list(block.layers)}: window: only streaming blocks have their own "
+                                "window (followers use windows.window)")
             expected = block.layers[-1] + 1
         if expected != m.num_layers:
             raise PlanError(f"{where}: blocks cover layers 0..{expected - 1}, model has {m.num_layers} layers")
 
 
-def _parse_blocks(items: Any, where: str) -> tuple[Block, ...]:
+def _parse_blocks(items: Any, where: str, streaming_ok: bool = True) -> tuple[Block, ...]:
     if not isinstance(items, list):
         raise PlanError(f"{where}: expected a list of blocks")
+    allowed = {"layers", "similarity", "kind", "window"} if streaming_ok else {"layers", "similarity"}
     out = []
     for i, item in enumerate(items):
         if isinstance(item, list):
-            layers, sim = item, None
-        elif isinstance(item, dict):
-            unknown = set(item) - {"layers", "similarity"}
-            if unknown:
-                raise PlanError(f"{where}[{i}]: unknown keys {sorted(unknown)}")
-            layers, sim = item.get("layers"), item.get("similarity")
-        else:
+            item = {"layers": item}
+        elif not isinstance(item, dict):
             raise PlanError(f"{where}[{i}]: expected a list of layers or {{layers: [...], similarity: x}}")
+        unknown = set(item) - allowed
+        if unknown:
+            raise PlanError(f"{where}[{i}]: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+        layers, sim = item.get("layers"), item.get("similarity")
+        kind, window = item.get("kind", "shared"), item.get("window")
         if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
             raise PlanError(f"{where}[{i}].layers: expected a list of integers, got {layers!r}")
-        if sim is not None and not isinstance(sim, (int, float)):
+        if sim is not None and (not isinstance(sim, (int, float)) or isinstance(sim, bool)):
             raise PlanError(f"{where}[{i}].similarity: expected a number, got {sim!r}")
-        out.append(Block(tuple(layers), None if sim is None else float(sim)))
+        if kind not in BLOCK_KINDS:
+            raise PlanError(f"{where}[{i}].kind: expected one of {BLOCK_KINDS}, got {kind!r}")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+            raise PlanError(f"{where}[{i}].window: expected an integer, got {window!r}")
+        out.append(Block(tuple(layers), None if sim is None else float(sim), kind, window))
     return tuple(out)
 
 
@@ -351,6 +386,9 @@ def _flow_rows(similarity: dict) -> dict:
 
 def _block_to_yaml(block: Block) -> dict:
     item: dict[str, Any] = {"layers": _Flow(block.layers)}
+    if block.kind != "shared":
+        item["kind"] = block.kind
+        item["window"] = int(block.window)
     if block.similarity is not None:
         item["similarity"] = round(float(block.similarity), 4)
     return _FlowDict(item)
@@ -401,6 +439,11 @@ _PlanDumper.add_representer(tuple, lambda d, v: d.represent_sequence("tag:yaml.o
 
 
 def blocks_from_layers(groups: Sequence[Sequence[int]], similarities: Iterable[float | None] | None = None) -> tuple[Block, ...]:
-    """Blocks for one KV head from lists of layers, e.g. ``[[0], [1, 2, 3], [4, 5]]``."""
+    """Shared blocks for one KV head from lists of layers, e.g. ``[[0], [1, 2, 3], [4, 5]]``."""
     sims = list(similarities) if similarities is not None else [None] * len(groups)
     return tuple(Block(tuple(int(x) for x in g), None if s is None else round(float(s), 4)) for g, s in zip(groups, sims))
+
+
+def streaming_block(layer: int, window: int) -> Block:
+    """A one-layer streaming block: that layer keeps K and V for the sinks and its last `window` tokens only."""
+    return Block((int(layer),), None, "streaming", int(window))

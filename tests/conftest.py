@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from ilc.runtime import Plan, model_signature  # noqa: E402
-from ilc.runtime.plan import blocks_from_layers  # noqa: E402
+from ilc.runtime.plan import blocks_from_layers, streaming_block  # noqa: E402
 
 
 def tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=8, vocab=97, max_pos=512, seed=0):
@@ -33,6 +33,20 @@ def make_plan(model, groups, sinks=2, window=4, mode="scores", per_head=None, sk
     heads = per_head or [groups] * sig.num_kv_heads
     return Plan(model=sig, sinks=sinks, window=window, blocks=tuple(blocks_from_layers(g) for g in heads),
                 mode=mode, skip_threshold=skip_threshold)
+
+
+def mixed_plan(model, sinks=3, window=5, mode="scores", windows=(2, 4, 7)):
+    """5 layers, 3 KV heads: layers 1 and 3 hold all three kinds at once (full, follower, streaming); streaming
+    windows `windows` (small: 2, 4 and 7 slots)."""
+    base = make_plan(model, [list(range(5))], sinks=sinks, window=window, mode=mode)
+    shared = lambda *groups: list(blocks_from_layers(groups))  # noqa: E731
+    w_small, w_mid, w_big = windows
+    heads = (
+        tuple(shared([0, 1, 2]) + [streaming_block(3, w_mid), streaming_block(4, w_small)]),
+        tuple(shared([0]) + [streaming_block(1, w_small)] + shared([2, 3, 4])),
+        tuple([streaming_block(0, w_big)] + shared([1], [2]) + [streaming_block(3, w_big)] + shared([4])),
+    )
+    return Plan(model=base.model, sinks=sinks, window=window, blocks=heads, mode=mode)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def run(tmp_path=None, **kw):
 
 @pytest.mark.parametrize("method", ["optimal", "paper"])
 def test_tiny_calibration_produces_valid_plan(method, tmp_path):
-    result, model = run(method=method)
+    result, model = run(method=method, kinds=("follower",))
     plan = result.plan
     assert plan.num_layers == 6 and plan.num_kv_heads == 2
     assert 1 <= plan.sinks and plan.sinks + plan.window <= 256 // 2
@@ -43,6 +43,7 @@ def test_tiny_calibration_produces_valid_plan(method, tmp_path):
             for f in b.followers:
                 assert result.similarity[h, b.anchor, f] >= floor - 1e-9
     assert plan.calibration["samples"] == 3 and plan.calibration["tokens"] == 3 * 256
+    assert plan.kind_counts()["streaming"] == 0
     loaded = load_plan(plan.save(tmp_path / "p.yaml"))
     assert loaded.blocks == plan.blocks
     plan.apply(model)  # the plan fits the model it was calibrated on
@@ -55,22 +56,76 @@ def test_same_data_and_seed_give_byte_identical_plans(tmp_path):
 
 
 def test_target_saving_is_reached():
-    result, _ = run(target_saving=0.2, target_context=2048)
+    result, _ = run(target_saving=0.2, target_context=2048, kinds=("follower",))
     assert result.plan.estimated_saving(2048) >= 0.2
     with pytest.raises(ValueError, match="out of reach"):
-        run(target_saving=0.45, target_context=2048)
+        run(target_saving=0.45, target_context=2048, kinds=("follower",))
 
 
 def test_regroup_reuses_one_calibration():
     result, _ = run(target_saving=0.2, target_context=2048)
-    same = CalibrationSettings(seq_len=256, samples=3, query_rows=8, max_group_size=4, target_saving=0.2)
+    pod = dict(kinds=("follower",), max_group_size=4)
+    same = CalibrationSettings(seq_len=256, samples=3, query_rows=8, target_saving=0.2, max_group_size=4)
     assert regroup(result, same, 2048).blocks == result.plan.blocks
-    higher = regroup(result, CalibrationSettings(seq_len=256, max_group_size=4, target_saving=0.3), 2048)
+    higher = regroup(result, CalibrationSettings(seq_len=256, target_saving=0.3, **pod), 2048)
     assert higher.estimated_saving(2048) >= 0.3 and higher.sinks == result.plan.sinks
+    assert higher.kind_counts()["streaming"] == 0 and "assignment" not in higher.criterion
+
+
+def test_mixed_plan_reaches_targets_past_half_with_streaming_heads(tmp_path):
+    """Sharing keys alone cannot save half the cache; streaming heads can. Every option's price is recorded."""
+    result, model = run(target_saving=0.6)  # target context defaults to --seq-len (256)
+    plan = result.plan
+    assert plan.estimated_saving(256) >= 0.6 and plan.kind_counts()["streaming"] > 0
+    assert result.streaming_error.shape == (2, 6, len(result.streaming_windows))
+    assert ((result.streaming_error >= 0) & (result.streaming_error <= 1)).all()
+    assert plan.criterion["assignment"] == "lagrangian-dp" and plan.criterion["target_context"] == 256
+    text = plan.save(tmp_path / "p.yaml").read_text()
+    assert "format: ilc-plan/2" in text and "kind: streaming" in text
+    assert load_plan(tmp_path / "p.yaml") == plan
+    plan.apply(model)
+    lower = regroup(result, CalibrationSettings(seq_len=256, target_saving=0.3, max_group_size=4), 256)
+    assert 0.3 <= lower.estimated_saving(256) < plan.estimated_saving(256)
+    assert lower.criterion["total_error"] <= plan.criterion["total_error"]
+
+
+def test_streaming_error_vanishes_when_the_window_covers_every_row():
+    result, _ = run(target_saving=0.3)
+    windows = result.streaming_windows
+    assert windows[-1] == 128  # up to half the sequence; sampled rows are in the second half
+    errors = result.streaming_error.mean(axis=(0, 1))
+    assert all(a >= b - 1e-9 for a, b in zip(errors, errors[1:])), "a larger window never costs more"
+    assert errors[0] > 0.01
+
+
+def test_retrieval_samples_are_mixed_in_and_recorded():
+    with_retrieval, _ = run(target_saving=0.3)
+    prose_only, _ = run(target_saving=0.3, retrieval_samples=0)
+    assert with_retrieval.plan.calibration["retrieval_samples"] == 4
+    assert prose_only.plan.calibration["retrieval_samples"] == 0
+    assert not np.allclose(with_retrieval.streaming_error, prose_only.streaming_error)
+
+
+def test_retrieval_samples_plant_facts_and_record_the_recall_rows():
+    from ilc.data import retrieval_samples
+
+    tok = CharTokenizer()
+    samples = retrieval_samples(tok, default_corpus(), 1024, 2, rows=16, seed=3)
+    assert len(samples) == 2
+    for s in samples:
+        assert s.ids.shape == (1024,) and 0 < len(s.rows) <= 16
+        recalled = s.ids[s.rows.min():].tolist()
+        planted = s.ids[: s.rows.min()].tolist()
+        assert s.rows.min() > 1024 // 2  # recall and copy sit at the end, far from what they copy
+        # what a recall row must predict (the next 3 tokens) was planted earlier in the sample
+        for r in s.rows.tolist()[:4]:
+            piece = s.ids[r + 1:r + 4].tolist()
+            assert any(planted[i:i + 3] == piece for i in range(len(planted) - 3)), (r, piece)
+        assert len(recalled) < 1024 // 2
 
 
 def test_explicit_windows_and_per_layer():
-    result, _ = run(sinks=2, window=16, per_layer=True, min_similarity=0.0)
+    result, _ = run(sinks=2, window=16, per_layer=True, min_similarity=0.0, kinds=("follower",))
     plan = result.plan
     assert (plan.sinks, plan.window) == (2, 16)
     assert plan.heads_agree and plan.mean_blocks_per_head < 6

@@ -83,3 +83,80 @@ def test_followers_for_saving_inverts_the_formula():
     assert n * per >= 0.3 > (n - 1) * per
     with pytest.raises(ValueError, match="covers the whole context"):
         grouping.followers_for_saving(0.3, 30, 3, 400, 468)
+
+
+def mixed_assignments(n, windows, max_size):
+    """Every assignment of one head: a segmentation whose one-layer segments may instead be streaming heads."""
+    for blocks in segmentations(n):
+        if any(len(b) > max_size for b in blocks):
+            continue
+        singles = [i for i, b in enumerate(blocks) if len(b) == 1]
+        for choice in itertools.product([None, *range(len(windows))], repeat=len(singles)):
+            stream = dict(zip(singles, choice))
+            yield [(tuple(b), stream.get(i)) for i, b in enumerate(blocks)]
+
+
+def priced(opt, assignment):
+    err = sav = 0.0
+    for layers, k in assignment:
+        if k is None:
+            err += sum(opt.follower_error[layers[0], f] for f in layers[1:])
+            sav += opt.follower_saving * (len(layers) - 1)
+        else:
+            err += opt.streaming_error[layers[0], k]
+            sav += opt.streaming_saving[k]
+    return err, sav
+
+
+def random_options(n, rng, allowed=("follower", "streaming")):
+    windows = (4, 16, 64)
+    return grouping.HeadOptions(np.triu(rng.uniform(0, 1, (n, n)), 1), 0.2,
+                                np.sort(rng.uniform(0, 1, (n, 3)), axis=1)[:, ::-1].copy(),
+                                np.array([0.45, 0.4, 0.3]), windows, frozenset(allowed))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mixed_head_dp_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    opt = random_options(5, rng)
+    for lam in (0.0, 0.5, 2.0, 10.0):
+        segments, err, sav = grouping.assign_head(opt, lam, 3, None)
+        brute = min(e - lam * s for e, s in (priced(opt, a) for a in mixed_assignments(5, opt.windows, 3)))
+        assert abs((err - lam * sav) - brute) < 1e-9, (seed, lam)
+        assert sum(len(s.layers) for s in segments) == 5 and all(len(s.layers) <= 3 for s in segments)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixed_target_is_reached_with_no_dominating_assignment(seed):
+    """The Lagrangian solution reaches the target, and no assignment saves as much with less error."""
+    rng = np.random.default_rng(seed)
+    options = [random_options(4, rng) for _ in range(2)]
+    segments, err, sav = grouping.assign_mixed(options, 3, target_saving=1.2)
+    assert sav >= 1.2 - 1e-9
+    per_head = [list(mixed_assignments(4, o.windows, 3)) for o in options]
+    for a, b in itertools.product(*per_head):
+        (e1, s1), (e2, s2) = priced(options[0], a), priced(options[1], b)
+        if s1 + s2 >= sav - 1e-12:
+            assert e1 + e2 >= err - 1e-9
+
+
+def test_mixed_kinds_restrict_and_max_error_caps_each_option():
+    rng = np.random.default_rng(0)
+    opt = random_options(6, rng, allowed=("follower",))
+    segments, _, _ = grouping.assign_head(opt, 100.0, 4, None)
+    assert all(s.streaming_window is None for s in segments)
+    only_stream = random_options(6, rng, allowed=("streaming",))
+    segments, _, _ = grouping.assign_head(only_stream, 100.0, 4, None)
+    assert all(len(s.layers) == 1 for s in segments)
+    capped = random_options(6, rng)
+    capped.follower_error[0, 1] = 0.01  # one cheap follower, one cheap streaming option; everything else > 0.3
+    capped.streaming_error[:] = np.maximum(capped.streaming_error, 0.3)
+    capped.follower_error[capped.follower_error > 0.01] = np.maximum(capped.follower_error[capped.follower_error
+                                                                                          > 0.01], 0.3)
+    capped.streaming_error[4, 2] = 0.02
+    segments, err, _ = grouping.assign_head(capped, 100.0, 4, 0.05)
+    assert [(s.layers, s.streaming_window) for s in segments] == [((0, 1), None), ((2,), None), ((3,), None),
+                                                                  ((4,), 64), ((5,), None)]
+    assert abs(err - 0.03) < 1e-12
+    with pytest.raises(ValueError, match="save at most"):
+        grouping.assign_mixed([random_options(4, rng)], 3, target_saving=5.0)

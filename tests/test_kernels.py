@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ilc.kernels import pod_attention_triton
+from ilc.runtime.kernel_dispatch import pod_attention_triton
 from ilc.runtime import PoDCache, reference_attention
 
-from conftest import make_plan, tiny_llama
+from conftest import make_plan, mixed_plan, tiny_llama
 
 pytestmark = pytest.mark.triton
 
@@ -60,6 +60,18 @@ def test_left_padding_ragged_rows_and_chunked_prefill():
     assert err < TOLERANCE[torch.float32], err
 
 
+@pytest.mark.parametrize("mode", ["scores", "keys"])
+@pytest.mark.parametrize("row_start", [None, (0, 5)])
+def test_mixed_layers_all_three_kinds(mode, row_start):
+    """Layers holding full, follower and streaming heads at once (streaming windows 2, 4, 7 and 30 slots, each
+    a launch of its own), with and without left padding, prefill in chunks, then decode steps."""
+    model = tiny_llama(layers=5, heads=6, kv_heads=3)
+    plan = mixed_plan(model, sinks=2, window=6, mode=mode, windows=(2, 4, 30))
+    rs = None if row_start is None else torch.tensor(row_start)
+    err = run_layers(plan, mode, torch.float32, 64, rs, chunks=[23, 9, 1, 1, 1], hq=6, hkv=3)
+    assert err < TOLERANCE[torch.float32], err
+
+
 def test_bfloat16_inputs_accumulate_in_fp32():
     model = tiny_llama(layers=2, heads=4, kv_heads=2)
     plan = make_plan(model, [[0, 1]], sinks=2, window=5)
@@ -88,6 +100,23 @@ def test_generate_through_kernels_matches_reference():
     """The runtime picks the kernels end to end (prefill, decode, scores-mode logits reuse) with plain generate()."""
     model = tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=64).to(DEVICE)
     plan = make_plan(model, None, sinks=2, window=6, per_head=[[[0, 1, 2], [3]], [[0], [1, 2, 3]]])
+    x = torch.randint(3, 97, (2, 40), device=DEVICE)
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0
+    outs = {}
+    for kernels in (False, True):
+        plan.apply(model, kernels=kernels)
+        with torch.no_grad():
+            outs[kernels] = model(x, attention_mask=mask).logits[:, -1]
+            outs[f"gen{kernels}"] = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                                   pad_token_id=0)
+    assert (outs[True] - outs[False]).abs().max() < 1e-4
+    assert torch.equal(outs["genTrue"], outs["genFalse"])
+
+
+def test_generate_mixed_plan_through_kernels_matches_reference():
+    model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=64).to(DEVICE)
+    plan = mixed_plan(model, sinks=2, window=6, windows=(3, 8, 20))
     x = torch.randint(3, 97, (2, 40), device=DEVICE)
     mask = torch.ones_like(x)
     mask[1, :7] = 0

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from ilc.runtime import PlanError, load_plan, plan_from_dict
+from ilc.runtime.heads import HeadKind, HeadSpec
 
-from conftest import make_plan
+from conftest import make_plan, mixed_plan, tiny_llama
 
 
 @pytest.fixture
@@ -41,6 +42,37 @@ def test_savings_formula(plan):
     assert abs(plan.estimated_saving(10**9) - 0.25) < 1e-6  # (L - m) / (2L) = 2 / 8
 
 
+def test_version_1_files_load_unchanged_in_meaning():
+    """The committed ilc-plan/1 plan: shared blocks only, followers use the plan window, same savings formula."""
+    plan = load_plan("plans/smollm2-135m-paper.yaml")
+    raw = yaml.safe_load(open("plans/smollm2-135m-paper.yaml"))
+    assert raw["format"] == "ilc-plan/1" and plan.kind_counts()["streaming"] == 0
+    table = plan.head_table()
+    for h, blocks in enumerate(plan.blocks):
+        for b in blocks:
+            assert table[b.anchor][h].kind == HeadKind.FULL
+            assert all(table[f][h] == HeadSpec(HeadKind.FOLLOWER, b.anchor, plan.window) for f in b.followers)
+    followers = sum(len(b.followers) for blocks in plan.blocks for b in blocks)
+    dense, planned = plan.kv_tokens(8192)
+    assert planned == dense - followers * (8192 - plan.sinks - plan.window)  # paper section 4.4
+    raw["sharing"]["blocks"]["per_head"][0][0].update(kind="streaming", window=4)
+    with pytest.raises(PlanError, match=r"unknown keys \['kind', 'window'\]"):
+        plan_from_dict(raw, source="old.yaml")
+
+
+def test_mixed_plan_round_trip_kinds_and_savings(tmp_path):
+    plan = mixed_plan(tiny_llama(layers=5, heads=6, kv_heads=3), sinks=3, window=5)
+    loaded = load_plan(plan.save(tmp_path / "m.yaml"))
+    assert loaded == plan and "kind: streaming, window: 7" in (tmp_path / "m.yaml").read_text()
+    assert [s.kind for s in plan.head_table()[3]] == [HeadKind.STREAMING, HeadKind.FOLLOWER, HeadKind.STREAMING]
+    counts = plan.kind_counts()
+    dense, planned = plan.kv_tokens(100)
+    # full heads keep 2N, followers N + (sinks + window), streaming heads 2 (sinks + own window)
+    streaming = 2 * ((3 + 4) + (3 + 2) + (3 + 2) + (3 + 7) + (3 + 7))
+    assert planned == 2 * 100 * counts["full"] + counts["follower"] * (100 + 8) + streaming
+    assert abs(plan.estimated_saving(10**9) - (counts["follower"] / 2 + counts["streaming"]) / 15) < 1e-6
+
+
 def _raw(plan):
     return yaml.safe_load(plan.to_yaml())
 
@@ -64,6 +96,16 @@ def _raw(plan):
     (lambda r: r["sharing"]["blocks"].update(all_heads=[{"layers": [0, 1, 2, 3], "anchor": 0}]), "unknown keys"),
     (lambda r: r["sharing"]["blocks"].update(all_heads=[{"layers": ["a"]}]), "list of integers"),
     (lambda r: r["sharing"]["blocks"].update(all_heads=[7]), "expected a list of layers"),
+    (lambda r: r["sharing"]["blocks"].update(all_heads=[{"layers": [0, 1, 2, 3], "kind": "sparse"}]),
+     "all_heads[0].kind: expected one of"),
+    (lambda r: r["sharing"]["blocks"].update(all_heads=[{"layers": [0, 1, 2, 3], "kind": "streaming"}]),
+     "a streaming block needs a window"),
+    (lambda r: r["sharing"]["blocks"].update(all_heads=[{"layers": [0, 1, 2, 3], "kind": "streaming",
+                                                         "window": 0}]), "a streaming block needs a window"),
+    (lambda r: r["sharing"]["blocks"].update(all_heads=[{"layers": [0, 1, 2, 3], "window": 8}]),
+     "only streaming blocks have their own window"),
+    (lambda r: r["sharing"]["blocks"].update(all_heads=[{"layers": [0, 1, 2, 3], "kind": "streaming",
+                                                         "window": "big"}]), "window: expected an integer"),
 ])
 def test_rejections_name_the_field(plan, mutate, message):
     raw = copy.deepcopy(_raw(plan))

@@ -5,7 +5,7 @@ import torch
 
 from ilc.runtime import PlanError, PoDCache, cache_report, remove_plan
 
-from conftest import make_plan, tiny_llama
+from conftest import make_plan, mixed_plan, tiny_llama
 
 GEN = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
 
@@ -32,6 +32,34 @@ def test_exact_when_window_covers_context_or_blocks_are_single(tiny, groups, win
     got_logits = dense_logits(tiny, x)
     assert torch.equal(got_tokens, want_tokens)
     assert (got_logits - want_logits).abs().max() < 1e-4
+
+
+def test_mixed_plan_exact_when_windows_cover_the_context_and_lossy_otherwise():
+    """Full, follower and streaming heads in one layer: with every window >= the context nothing is dropped or
+    shared in effect, so tokens and logits equal the full model's; with small windows they differ and bytes drop."""
+    model = tiny_llama(layers=5, heads=6, kv_heads=3)
+    x = ids(b=2, t=60)
+    mask = torch.ones_like(x)
+    mask[1, :9] = 0
+    want_tokens = model.generate(x, attention_mask=mask, **GEN)
+    with torch.no_grad():
+        want_logits = model(x, attention_mask=mask).logits
+    for windows, exact in (((100, 200, 300), True), ((3, 8, 20), False)):
+        plan = mixed_plan(model, sinks=2, window=max(windows) if exact else 6, windows=windows)
+        plan.apply(model)
+        got_tokens = model.generate(x, attention_mask=mask, **GEN)
+        with torch.no_grad():
+            out = model(x, attention_mask=mask, use_cache=True)
+        real = mask.bool()
+        diff = (out.logits - want_logits)[real].abs().max()
+        if exact:
+            assert torch.equal(got_tokens, want_tokens) and diff < 1e-4
+        else:
+            assert diff > 1e-3
+            report = cache_report(out.past_key_values)
+            assert report.used == plan.kv_bytes(60, batch=2, dtype_bytes=4)[1] < 0.7 * report.dense
+            assert report.held < report.dense  # growth slack (32 slots) included
+        remove_plan(model)
 
 
 def test_sharing_changes_outputs_and_saves_bytes(tiny):

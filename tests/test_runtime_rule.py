@@ -5,12 +5,14 @@ import torch
 
 from ilc.runtime import PoDCache, reference_attention
 from ilc.runtime.attention import pod_attention
+from ilc.runtime.heads import HeadKind
 
-from conftest import make_plan, tiny_llama
+from conftest import make_plan, mixed_plan, tiny_llama
 
 
-def brute_force(qs, ks, vs, anchors, sinks, window, mode, row_start):
-    """Per layer output [B, Hq, T, D] of the rule, position by position, with explicit logits."""
+def brute_force(qs, ks, vs, table, sinks, mode, row_start):
+    """Per layer output [B, Hq, T, D] of the rule, position by position, with explicit logits.
+    table[layer][kv_head]: the plan's HeadSpec (kind, anchor, window)."""
     L = len(qs)
     b, hq, t, d = qs[0].shape
     hkv = ks[0].shape[1]
@@ -24,12 +26,18 @@ def brute_force(qs, ks, vs, anchors, sinks, window, mode, row_start):
             rs = int(row_start[row])
             for h in range(hq):
                 kv = h // g
-                a = anchors[l][kv]
+                spec = table[l][kv]
+                a = spec.anchor
                 q_own = qs[l][row, h].double()
                 q_d = q_own if (mode == "keys" or a == l) else qs[a][row, h].double()
                 own = q_own @ ks[l][row, kv].double().T
                 dist = q_d @ ks[a][row, kv].double().T
-                prox = ((j - rs) < sinks) | ((i - j) < window)
+                if spec.kind == HeadKind.FULL:
+                    prox = torch.ones(t, t, dtype=torch.bool)
+                else:
+                    prox = ((j - rs) < sinks) | ((i - j) < spec.window)
+                if spec.kind == HeadKind.STREAMING:
+                    dist = torch.full_like(dist, float("-inf"))
                 logits = torch.where(prox, own, dist) * d ** -0.5
                 valid = (j <= i) & (j >= rs)
                 logits = logits.masked_fill(~valid, float("-inf"))
@@ -45,11 +53,14 @@ class _Module:
 
 @pytest.mark.parametrize("mode", ["scores", "keys"])
 @pytest.mark.parametrize("pad", [0, 4, 10])  # 10: the padded row's sinks arrive in a later chunk than row 0's
-def test_cache_and_reference_match_brute_force(mode, pad):
+@pytest.mark.parametrize("kinds", ["shared", "mixed"])
+def test_cache_and_reference_match_brute_force(mode, pad, kinds):
     torch.manual_seed(1)
     model = tiny_llama(layers=5, heads=6, kv_heads=3)
     per_head = [[[0, 1, 2], [3, 4]], [[0], [1, 2, 3, 4]], [[0, 1], [2], [3, 4]]]  # blocks differ per KV head
     plan = make_plan(model, None, sinks=3, window=5, mode=mode, per_head=per_head)
+    if kinds == "mixed":
+        plan = mixed_plan(model, sinks=3, window=5, mode=mode)
     b, hq, hkv, d, t = 2, 6, 3, 8, 29
     row_start = torch.tensor([0, pad])
     qs = [torch.randn(b, hq, t, d) for _ in range(5)]
@@ -68,7 +79,7 @@ def test_cache_and_reference_match_brute_force(mode, pad):
             got[l].append(out.transpose(1, 2))
         start += n
     assert start == t
-    want = brute_force(qs, ks, vs, plan.anchor_table(), 3, 5, mode, row_start)
+    want = brute_force(qs, ks, vs, plan.head_table(), 3, mode, row_start)
     for l in range(5):
         g = torch.cat(got[l], dim=2).double()
         for row in range(b):
@@ -94,3 +105,22 @@ def test_followers_hold_only_proximal_keys():
     assert cache.used_bytes() == planned and cache.dense_bytes() == dense
     assert planned <= cache.nbytes() <= 1.02 * planned  # growth slack stays under 2%
     assert planned < 0.8 * dense
+
+
+def test_streaming_heads_hold_only_sinks_and_their_window():
+    model = tiny_llama(layers=5, heads=6, kv_heads=3)
+    plan = mixed_plan(model, sinks=3, window=5)
+    assert plan.kind_counts() == {"full": 6, "follower": 4, "streaming": 5}
+    cache = PoDCache(plan)
+    k = torch.randn(2, 3, 1, 8)
+    for step in range(2000):
+        for l in range(5):
+            cache.update(k, k, l)
+    layer = cache.layers[3]  # head 0 streaming (window 4), head 1 follower, head 2 streaming (window 7)
+    assert layer.values.shape[1] == 1 and layer.anchor_keys.shape[1] == 0
+    assert [(g.window, g.heads, g.ring_k.shape[2], g.ring_v.shape[2]) for g in layer.stream_groups] == \
+        [(4, [0], 4, 4), (7, [2], 7, 7)]
+    assert all(g.sink_k.shape[2] == 3 and g.sink_v.shape[2] == 3 for g in layer.stream_groups)
+    dense, planned = plan.kv_bytes(2000, batch=2, dtype_bytes=4)
+    assert cache.used_bytes() == planned and cache.dense_bytes() == dense
+    assert planned <= cache.nbytes() <= 1.02 * planned

@@ -1,0 +1,185 @@
+"""Run one layer of ilc attention with the Triton kernels (`ilc.kernels`): read the cache, build head tables, launch.
+
+Same contract as `ilc.runtime.attention.reference_attention`. Head tables (int32 rows, columns `LaunchColumn`)
+are built once per layer and device. Buffers the launches need (split partials, step logits, row starts) live in
+the cache state and are reused across layers and steps, so a decode step allocates only its outputs. The compute
+skip (`skip_threshold`) runs on the reference path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import dense_attention, follower_groups, query_heads, reference_attention
+from .cache import PoDKeys, PoDLayer, _grown
+from .heads import FOLLOWER_KEYS, HeadKind, LaunchColumn
+
+
+def _table(rows: list[dict], device) -> torch.Tensor:
+    """int32 [len(rows), len(LaunchColumn)] from rows given as {LaunchColumn: value} (missing columns are 0)."""
+    table = torch.zeros(len(rows), len(LaunchColumn), dtype=torch.int32)
+    for i, row in enumerate(rows):
+        for col, value in row.items():
+            table[i, col] = int(value)
+    return table.to(device)
+
+
+@dataclass
+class DecodeLaunch:
+    table: torch.Tensor
+    dist_layer: int | None = None  # keys mode: the anchor layer whose keys the followers read
+    stream: int | None = None  # index of the layer's StreamGroup (a STREAMING launch)
+
+
+@dataclass
+class LayerLaunches:
+    """What one layer's launches need that never changes: head tables on the device, built once."""
+
+    decode: list  # DecodeLaunch
+    reads_logits: list  # (KV head, anchor layer) pairs whose distant logits this layer reads (scores mode)
+    writes_logits: list  # KV heads whose logits this (anchor) layer leaves for its followers
+    prefill_followers: list  # (anchor layer, head table)
+    prefill_streams: list  # (StreamGroup index, head table)
+
+
+def layer_launches(layer: PoDLayer, device) -> LayerLaunches:
+    meta = layer.kernel_meta.get(device)
+    if meta is not None:
+        return meta
+    cache, i = layer.cache, layer.layer_idx
+    scores = layer.state.mode == "scores"
+    later = [other.anchors for other in cache.layers[i + 1:]]
+    # scores mode: an anchor head with followers leaves its logits of the step for them (keys mode: nobody reads them)
+    writes = [h for h in layer.anchor_heads if scores and any(anchors[h] == i for anchors in later)]
+    col = LaunchColumn
+    anchor_rows = [{col.KV_HEAD: h, col.KIND: HeadKind.FULL, col.OWN: pos, col.VALUE: layer.value_pos[h],
+                    col.WRITES_LOGITS: h in writes} for pos, h in enumerate(layer.anchor_heads)]
+    groups = follower_groups(layer)
+    # decode launches by the anchor keys they read: scores-mode followers read logits, so one launch (None) serves
+    # every head; keys mode needs one per anchor. The layer's own anchor heads ride in the first launch.
+    first = None if scores or not groups else next(iter(groups))
+    by_source = {first: anchor_rows}
+    prefill, reads = [], []
+    for a, positions in groups.items():
+        heads = [layer.follower_heads[p] for p in positions]
+        kind = HeadKind.FOLLOWER if scores else FOLLOWER_KEYS
+        rows = [{col.KV_HEAD: h, col.KIND: kind, col.OWN: p, col.DIST: cache.layers[a].anchor_heads.index(h),
+                 col.VALUE: layer.value_pos[h]} for h, p in zip(heads, positions)]
+        prefill.append((a, _table(rows, device)))
+        by_source.setdefault(None if scores else a, []).extend(rows)
+        if scores:
+            reads += [(h, a) for h in heads]
+    decode = [DecodeLaunch(_table(rows, device), src) for src, rows in by_source.items() if rows]
+    streams = []
+    for index, group in enumerate(layer.stream_groups):
+        table = _table([{col.KV_HEAD: h, col.KIND: HeadKind.STREAMING, col.OWN: pos}
+                        for pos, h in enumerate(group.heads)], device)
+        decode.append(DecodeLaunch(table, stream=index))
+        streams.append((index, table))
+    meta = layer.kernel_meta[device] = LayerLaunches(decode, reads, writes, prefill, streams)
+    return meta
+
+
+def _row_start(state, b, device) -> torch.Tensor:
+    """Each row's first real slot as int32 on `device`, converted once per change of the row starts (or batch
+    size, for the no-padding zeros) rather than on every layer call."""
+    scratch = state.kernel_scratch
+    source, rows = state.row_start, scratch.get("row_start")
+    if rows is None or scratch["row_start_of"] is not source or rows.shape[0] != b or rows.device != device:
+        rows = torch.zeros(b, dtype=torch.int32, device=device) if source is None else source.to(device, torch.int32)
+        scratch.update(row_start_of=source, row_start=rows)
+    return rows
+
+
+def _decode_scratch(state, b, hq, d, cap, total, device):
+    """Reused decode buffers: split partials [B, Hq, cap, D] + LSE, and step logits [B, Hq, >= total] (fp32)."""
+    scratch = state.kernel_scratch
+    mid_o = scratch.get("mid_o")
+    if mid_o is None or mid_o.shape != (b, hq, cap, d) or mid_o.device != device:
+        scratch["mid_o"] = torch.empty(b, hq, cap, d, dtype=torch.float32, device=device)
+        scratch["mid_lse"] = torch.empty(b, hq, cap, dtype=torch.float32, device=device)
+    logits = scratch.get("logits")
+    if logits is None or logits.shape[:2] != (b, hq) or logits.shape[2] < total or logits.device != device:
+        scratch["logits"] = torch.empty(b, hq, _grown(total), dtype=torch.float32, device=device)
+        scratch["logits_from"] = {}  # KV head -> (anchor layer, step length) whose logits the buffer holds
+    return scratch["mid_o"], scratch["mid_lse"], scratch["logits"]
+
+
+def _decode(out, query, layer: PoDLayer, view: PoDKeys, values, row_start, scaling):
+    """One decode step of one layer: split-K launches over all its KV heads, then one merge into `out`."""
+    from ilc.kernels import decode_attention, decode_merge, decode_splits
+
+    state = layer.state
+    b, hq, _, d = query.shape
+    group = hq // len(layer.specs)
+    dev = query.device
+    total = view.total
+    cap, nsplit, split_len = decode_splits(dev, b, len(layer.specs), max(1, total - state.row_start_min - state.sinks))
+    mid_o, mid_lse, logits = _decode_scratch(state, b, hq, d, cap, total, dev)
+    meta = layer_launches(layer, dev)
+    logits_from = state.kernel_scratch["logits_from"]
+    for h, a in meta.reads_logits:
+        if logits_from.get(h) != (a, total):
+            raise RuntimeError(f"layer {layer.layer_idx}, KV head {h}: the step logits of anchor layer {a} are "
+                               "missing (layers must run in order within one decode step)")
+    dummy = query  # any tensor for pointer arguments a launch does not read
+    pick = lambda t, ok: t if ok and t is not None and t.numel() else dummy  # noqa: E731
+    common = dict(group=group, logits=logits, row_start=row_start, mid_o=mid_o, mid_lse=mid_lse, total=total,
+                  rs_min=state.row_start_min, sinks=state.sinks, scaling=scaling, nsplit=nsplit, split_len=split_len)
+    for launch in meta.decode:
+        if launch.stream is not None:
+            g = layer.stream_groups[launch.stream]
+            decode_attention(query, launch.table, values=dummy, anchor_keys=dummy, sink_keys=pick(g.sink_k, True),
+                             ring_keys=g.ring_k, dist_keys=dummy, sink_values=pick(g.sink_v, True),
+                             ring_values=g.ring_v, window=g.window, **common)
+            continue
+        dist = layer.cache.layers[launch.dist_layer].anchor_keys if launch.dist_layer is not None else dummy
+        decode_attention(query, launch.table, values=pick(values, True),
+                         anchor_keys=pick(layer.anchor_keys, bool(layer.anchor_heads)),
+                         sink_keys=pick(layer.sink_keys, bool(layer.follower_heads)),
+                         ring_keys=pick(layer.ring_keys, bool(layer.follower_heads)), dist_keys=dist,
+                         sink_values=dummy, ring_values=dummy, window=state.window, **common)
+    for h in meta.writes_logits:
+        logits_from[h] = (layer.layer_idx, total)
+    decode_merge(out, mid_o, mid_lse, nsplit)
+
+
+def pod_attention_triton(query, view: PoDKeys, values, scaling):
+    """One layer of ilc attention with the Triton kernels; same contract as `reference_attention`."""
+    from ilc.kernels import prefill_attention
+
+    layer, state = view.layer, view.state
+    if state.skip_threshold is not None:
+        return reference_attention(query, view, values, scaling)
+    b, hq, q, d = query.shape
+    dev = query.device
+    row_start = _row_start(state, b, dev)
+    out = torch.empty_like(query)
+    if q == 1:
+        _decode(out, query, layer, view, values, row_start, scaling)
+        return out
+    group = hq // len(layer.specs)
+    if layer.anchor_heads:
+        heads = layer.anchor_heads
+        qi = query_heads(heads, group)
+        out[:, qi] = dense_attention(query[:, qi], layer.anchor_keys[:, :, :view.total],
+                                     values[:, [layer.value_pos[h] for h in heads]], view, scaling)
+    meta = layer_launches(layer, dev)
+    common = dict(group=group, row_start=row_start, rs_min=state.row_start_min, start=view.start, total=view.total,
+                  sinks=state.sinks, scaling=scaling)
+    sinks_or = lambda t: t if t is not None and t.shape[2] else query  # noqa: E731 (no sinks: any tensor)
+    for anchor, table in meta.prefill_followers:
+        q_dist = query if state.mode == "keys" else state.queries[anchor]
+        prefill_attention(out, query, q_dist, table, sink_keys=sinks_or(layer.sink_keys),
+                          recent_keys=view.recent_keys, recent_start=view.recent_start,
+                          dist_keys=layer.cache.layers[anchor].anchor_keys, values=values, sink_values=query,
+                          recent_values=query, window=state.window, **common)
+    for index, table in meta.prefill_streams:
+        g = layer.stream_groups[index]
+        recent_start, recent_k, recent_v = view.streaming_recent(index)
+        prefill_attention(out, query, query, table, sink_keys=sinks_or(g.sink_k), recent_keys=recent_k,
+                          recent_start=recent_start, dist_keys=query, values=query, sink_values=sinks_or(g.sink_v),
+                          recent_values=recent_v, window=g.window, streaming=True, **common)
+    return out
