@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# the committed default plan (plans/smollm2-135m.yaml): a mixed plan saving 30% of the KV bytes at 4k tokens
 demo: setup
-	$(VENV)/bin/ilc calibrate smollm2-135m --seq-len 4096 --out out/smollm2-135m.yaml
-	$(VENV)/bin/ilc inspect out/smollm2-135m.yaml --context 8192 --plot out/smollm2-135m.png
-	$(VENV)/bin/ilc generate out/smollm2-135m.yaml --prompt-tokens 2000
+	$(VENV)/bin/ilc calibrate smollm2-135m --seq-len 4096 --target-saving 0.3 --out out/smollm2-135m.yaml
+	$(VENV)/bin/ilc inspect out/smollm2-135m.yaml --context 4096 --plot out/smollm2-135m.png
+	$(VENV)/bin/ilc generate out/smollm2-135m.yaml --prompt-tokens 4000
 
 test: setup
 	$(PY) -m pytest -q

@@ -96,7 +96,7 @@ def llama8b(context: int, new_tokens: int = 8) -> list[str]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2", action="store_true")
-    ap.add_argument("--plan", default="plans/smollm2-135m.yaml")
+    ap.add_argument("--plan", default="plans/smollm2-135m-pod.yaml")
     ap.add_argument("--lengths", default="1024,4096,8192")
     ap.add_argument("--llama8b", action="store_true")
     ap.add_argument("--context", type=int, default=32768)

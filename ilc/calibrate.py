@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 import ilc
 from ilc.runtime.architectures import model_signature
 from ilc.runtime.heads import HeadKind, HeadSpec, stored_vectors
-from ilc.runtime.plan import Block, Plan, blocks_from_layers, streaming_block
+from ilc.runtime.plan import MODES, Block, Plan, blocks_from_layers, streaming_block
 
-from . import grouping
+from . import grouping, options
 from .attention_stats import record_sample, recording, sample_rows
 from .data import load_calibration_set, read_documents, default_corpus, retrieval_samples
 from .models import DEFAULT_MODEL, load_model
+from .options import OptionError
 from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
@@ -71,42 +72,41 @@ class CalibrationSettings:
         return self.method == "optimal" and "streaming" in self.kinds
 
     def validate(self) -> None:
+        """Check every option against its range (`ilc.options.RANGES`) and the combinations; raises OptionError."""
+        for name in ("seq_len", "samples", "query_rows", "min_similarity", "target_saving", "target_context",
+                     "max_group_size", "sinks", "window", "window_mass", "max_error", "retrieval_samples", "seed"):
+            options.check(name, getattr(self, name))
         if self.method not in grouping.METHODS:
-            raise ValueError(f"--method must be one of {grouping.METHODS}, got {self.method!r}")
+            raise OptionError(f"--method must be one of {', '.join(grouping.METHODS)}, got {self.method!r}")
         if (self.criterion or DEFAULT_CRITERION[self.method]) not in CRITERIA:
-            raise ValueError(f"--criterion must be one of {tuple(CRITERIA)}, got {self.criterion!r}")
+            raise OptionError(f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.mode not in MODES:
+            raise OptionError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
-            raise ValueError(f"--kinds must be a comma list of {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
-        if self.method == "paper" and "streaming" in self.kinds and self.kinds != KINDS:
-            raise ValueError("--method paper groups followers only; it takes no --kinds")
+            raise OptionError(f"--kinds must be a comma list of {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
+        if self.method == "paper" and self.kinds != KINDS and "streaming" in self.kinds:
+            raise OptionError("--method paper groups followers only; it takes no --kinds")
         if self.mixed and self.criterion == "jsd":
-            raise ValueError("mixed plans (--kinds with streaming) price options by output error: use "
-                             "--criterion output or --kinds follower")
-        if self.max_error is not None:
-            if not self.mixed:
-                raise ValueError("--max-error is for mixed plans (--kinds follower,streaming); use --min-similarity")
-            if not 0 <= self.max_error <= 1:
-                raise ValueError(f"--max-error must be in [0, 1], got {self.max_error}")
-            if self.min_similarity is not None:
-                raise ValueError("give --max-error or --min-similarity, not both")
-        if self.min_similarity is not None and not 0 <= self.min_similarity <= 1:
-            raise ValueError(f"--min-similarity must be in [0, 1], got {self.min_similarity}")
+            raise OptionError("--criterion jsd cannot price streaming heads: use --criterion output or --kinds follower")
         if self.mixed and self.per_layer:
-            raise ValueError("--per-layer groups whole layers: use it with --kinds follower")
-        if self.retrieval_samples < 0:
-            raise ValueError(f"--retrieval-samples must be >= 0, got {self.retrieval_samples}")
+            raise OptionError("--per-layer groups whole layers: use it with --kinds follower")
+        if self.max_error is not None and not self.mixed:
+            raise OptionError("--max-error is for mixed plans (--kinds follower,streaming); use --min-similarity")
+        if self.max_error is not None and self.min_similarity is not None:
+            raise OptionError("give --max-error or --min-similarity, not both")
         if self.target_saving is not None:
             if self.method != "optimal":
-                raise ValueError("--target-saving needs --method optimal")
-            top = 1.0 if self.mixed else 0.5
-            if not 0 < self.target_saving < top:
-                why = "" if self.mixed else ": sharing keys saves at most half the cache (add --kinds streaming)"
-                raise ValueError(f"--target-saving must be in (0, {top:g}){why}, got {self.target_saving}")
-        if self.max_group_size < 1 or self.samples < 1 or self.query_rows < 1:
-            raise ValueError("--max-group-size, --samples and --query-rows must be >= 1")
-        if self.mode not in ("scores", "keys"):
-            raise ValueError(f"--mode must be scores or keys, got {self.mode!r}")
+                raise OptionError("--target-saving needs --method optimal")
+            if not self.mixed and self.target_saving >= 0.5:
+                raise OptionError(f"--target-saving must be below 0.5 with --kinds follower (sharing keys saves at "
+                                  f"most half the cache; add streaming to --kinds), got {self.target_saving}")
+        if self.sinks is not None and self.sinks + (self.window or 1) >= self.seq_len // 2:
+            raise OptionError(f"--sinks {self.sinks} leaves no distant tokens at the sampled rows of --seq-len "
+                              f"{self.seq_len}; use fewer sinks or a longer --seq-len")
+        if self.window is not None and self.window >= self.seq_len // 2:
+            raise OptionError(f"--window {self.window} leaves no distant tokens at the sampled rows of --seq-len "
+                              f"{self.seq_len}; use a window below {self.seq_len // 2}")
 
 
 @dataclass
@@ -123,6 +123,7 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
               progress: bool = True) -> CalibrationResult:
     """Run calibration and return the plan (pass `model`/`tokenizer` to reuse a loaded model)."""
     settings.validate()
+    docs = read_documents(settings.data) if settings.data else default_corpus()  # missing or empty: fail now
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
     if model is None:
@@ -132,9 +133,8 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
     cfg = model.config.get_text_config()
     max_context = getattr(cfg, "max_position_embeddings", None)
     if max_context and settings.seq_len > max_context:
-        raise ValueError(f"--seq-len {settings.seq_len} exceeds the model's context of {max_context} tokens")
-    data = load_calibration_set(tokenizer, settings.data, settings.seq_len, settings.samples)
-    docs = read_documents(settings.data) if settings.data else default_corpus()
+        raise OptionError(f"--seq-len {settings.seq_len} exceeds the model's context of {max_context} tokens")
+    data = load_calibration_set(tokenizer, settings.data, settings.seq_len, settings.samples, docs)
     retrieval = retrieval_samples(tokenizer, docs, settings.seq_len, settings.retrieval_samples,
                                   settings.query_rows, settings.seed)
     rows = sample_rows(settings.seq_len, settings.query_rows)

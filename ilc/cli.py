@@ -1,15 +1,25 @@
-"""`ilc`: the command line. `calibrate` writes a plan, `inspect` explains one, `eval` scores one, `generate` runs one."""
+"""`ilc`: the command line. `calibrate` writes a plan, `inspect` explains one, `eval` scores one, `generate` runs one.
+
+Every option is checked against its range (`ilc.options`) and every output path for writability before any model
+is loaded. Errors print one line and exit 2; Ctrl-C exits 130; `--debug` (or ILC_DEBUG=1) shows tracebacks.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
+from .options import OptionError, check, check_device, check_writable, help_range
 
-def _calibrate(args) -> int:
-    from .calibrate import CalibrationSettings, calibrate
-    from .inspect_plan import format_plan
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_INTERNAL = 2, 130, 1
+
+
+def calibration_settings(args):
+    """The `CalibrationSettings` of parsed `ilc calibrate` arguments, validated (no work done)."""
+    from .calibrate import CalibrationSettings
 
     settings = CalibrationSettings(
         model=args.model, data=args.data, seq_len=args.seq_len, samples=args.samples, query_rows=args.query_rows,
@@ -20,6 +30,17 @@ def _calibrate(args) -> int:
         retrieval_samples=args.retrieval_samples, max_error=args.max_error, device=args.device, dtype=args.dtype,
         device_map=args.device_map, seed=args.seed,
     )
+    settings.validate()
+    return settings
+
+
+def _calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .inspect_plan import format_plan
+
+    settings = calibration_settings(args)
+    check_device(args.device)
+    check_writable(args.out, "--out")
     result = calibrate(settings)
     out = result.plan.save(args.out)
     print(format_plan(result.plan))
@@ -32,6 +53,10 @@ def _inspect(args) -> int:
 
     from .inspect_plan import format_plan, plot_plan
 
+    check("context", args.context)
+    check("batch", args.batch)
+    if args.plot:
+        check_writable(args.plot, "--plot")
     plan = load_plan(args.plan)
     print(format_plan(plan, context=args.context, dtype_bytes=args.dtype_bytes, batch=args.batch))
     if args.plot:
@@ -39,33 +64,50 @@ def _inspect(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    import json
-
+def eval_request(args):
+    """(plan, tasks, methods, EvalConfig, wants perplexity) of parsed `ilc eval` arguments, validated."""
     from ilc.runtime.plan import load_plan
 
-    from .data import read_documents
-    from .evaluate import (METHODS, RULER_TASKS, EvalConfig, build_samples, format_perplexity, format_summary,
-                           plot_niah, run, run_perplexity, summarize)
-    from .models import load_model
+    from .evaluate import METHODS, RULER_TASKS, EvalConfig
 
-    plan = load_plan(args.plan)
-    tasks = ["niah", *RULER_TASKS] if args.all else [t for group in args.task for t in
-                                                     (RULER_TASKS if group == "ruler" else [group])]
-    want_ppl = "ppl" in tasks or args.all
-    tasks = [t for t in tasks if t != "ppl"]
+    lengths = tuple(_tokens(x, "--lengths") for x in args.lengths.split(","))
+    depths = tuple(_number(x, "--depths") / 100 for x in args.depths.split(","))
+    ruler_depths = tuple(_number(x, "--ruler-depths") / 100 for x in args.ruler_depths.split(","))
+    config = EvalConfig(lengths=lengths, depths=depths, ruler_depths=ruler_depths, max_new_tokens=args.max_new_tokens,
+                        limit=args.limit)
+    config.validate()
     methods = args.methods.split(",") if args.methods else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    model, tokenizer, _ = load_model(args.model or plan.model.name, args.device)
-    config = EvalConfig(lengths=tuple(_tokens(x) for x in args.lengths.split(",")),
-                        depths=tuple(float(x) / 100 for x in args.depths.split(",")),
-                        ruler_depths=tuple(float(x) / 100 for x in args.ruler_depths.split(",")),
-                        max_new_tokens=args.max_new_tokens, limit=args.limit)
+        raise OptionError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    check_device(args.device)
+    if args.haystack and not Path(args.haystack).is_dir():
+        raise OptionError(f"--haystack {args.haystack}: no such directory")
+    check_writable(args.out, "--out", directory=True)
+    if args.plot:
+        check_writable(args.plot, "--plot")
+    plan = load_plan(args.plan)
+    config.validate(plan.model.max_context)
+    tasks = ["niah", *RULER_TASKS] if args.all else [t for group in args.task for t in
+                                                     (RULER_TASKS if group == "ruler" else [group])]
+    want_ppl = "ppl" in tasks or args.all
+    return plan, [t for t in tasks if t != "ppl"], methods, config, want_ppl
+
+
+def _eval(args) -> int:
+    import json
+
+    from .data import read_documents
+    from .evaluate import format_perplexity, format_summary, plot_niah, run, run_perplexity, summarize
+    from .models import load_model
+
+    plan, tasks, methods, config, want_ppl = eval_request(args)
     haystack = read_documents([args.haystack]) if args.haystack else None
+    model, tokenizer, _ = load_model(args.model or plan.model.name, args.device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if tasks:
+        from .evaluate import build_samples
+
         samples = build_samples(tasks, tokenizer, config, haystack)
         records = run(model, tokenizer, plan, methods, samples, args.out, config.max_new_tokens)
         summary = summarize(records, methods)
@@ -91,14 +133,32 @@ def _eval(args) -> int:
     return 0
 
 
-def _tokens(text: str) -> int:
+def _tokens(text: str, name: str) -> int:
     text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    try:
+        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except ValueError:
+        raise OptionError(f"{name}: expected token counts like 2k,4k or 2048, got {text!r}") from None
+
+
+def _number(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise OptionError(f"{name}: expected numbers separated by commas, got {text!r}") from None
 
 
 def _generate(args) -> int:
+    from ilc.runtime.plan import load_plan
+
     from .demo import compressed_generation
 
+    check("prompt_tokens", args.prompt_tokens)
+    check("new_tokens", args.new_tokens)
+    plan = load_plan(args.plan)
+    if args.prompt_tokens + args.new_tokens + 64 > plan.model.max_context:
+        raise OptionError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed the "
+                          f"model's context of {plan.model.max_context} tokens")
     compressed_generation(args.plan, args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     return 0
 
@@ -109,9 +169,18 @@ def _method_names() -> list[str]:
     return list(METHODS)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ilc", description="Inter-layer KV-cache compression (PoD) for HF causal LMs")
+    p = _Parser(prog="ilc", description="Inter-layer KV-cache compression (PoD) for HF causal LMs")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors (also: ILC_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
+    r = help_range
 
     c = sub.add_parser("calibrate", help="measure attention on sample text and write a compression plan")
     c.add_argument("model", nargs="?", default="smollm2-135m",
@@ -119,49 +188,58 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", nargs="+", help=".txt files, directories of them, or .jsonl with a 'text' field "
                    "(default: the embedded public-domain corpus)")
     c.add_argument("--out", default="plan.yaml", help="plan file to write (default: plan.yaml)")
-    c.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sample (default 2048)")
-    c.add_argument("--samples", type=int, default=8, help="at most this many samples (default 8)")
-    c.add_argument("--query-rows", type=int, default=32, help="query rows recorded per sample (default 32)")
+    c.add_argument("--seq-len", type=int, default=2048,
+                   help=f"tokens per calibration sample, {r('seq_len')} and at most the model's context (default 2048)")
+    c.add_argument("--samples", type=int, default=8, help=f"at most this many prose samples, {r('samples')} (default 8)")
+    c.add_argument("--query-rows", type=int, default=32,
+                   help=f"query rows recorded per sample, {r('query_rows')} (default 32)")
     c.add_argument("--method", choices=["optimal", "paper"], default="optimal",
-                   help="optimal: exact segmentation; paper: the paper's greedy rule (default optimal)")
+                   help="optimal: exact choice (mixed plans: Lagrangian DP per head); paper: the paper's greedy rule, "
+                        "followers only (default optimal)")
     c.add_argument("--criterion", choices=["output", "jsd"],
                    help="similarity: output change under sharing, or 1-JSD of distant attention "
                         "(default: output for optimal, jsd for paper)")
-    c.add_argument("--min-similarity", type=float, help="similarity floor for every follower (paper: delta; "
-                   "default: 0.5 for paper, 0.9 for optimal, unless --target-saving is given)")
-    c.add_argument("--target-saving", type=float, help="reach this KV saving (e.g. 0.3) with the least output "
-                   "error (optimal method); in (0, 1) for mixed plans, (0, 0.5) with --kinds follower")
+    c.add_argument("--min-similarity", type=float, help=f"similarity floor for every follower, {r('min_similarity')} "
+                   "(paper: delta; default: 0.5 for paper, 0.9 for optimal, unless --target-saving is given)")
+    c.add_argument("--target-saving", type=float,
+                   help=f"reach this KV saving with the least output error (optimal method), {r('target_saving')}; "
+                        "below 0.5 with --kinds follower")
+    c.add_argument("--target-context", type=int, help=f"context the target saving is measured at, "
+                   f"{r('target_context')} (default: --seq-len, where the errors are measured; the saving grows "
+                   "with context)")
     c.add_argument("--kinds", default="follower,streaming",
                    help="what a (layer, KV head) may become besides full: follower (PoD sharing), streaming "
                         "(sinks + own window only); default follower,streaming. --kinds follower gives PoD-only plans")
-    c.add_argument("--max-error", type=float, help="mixed plans: largest output error in [0, 1] any head's option may "
-                   "cost (default 0.1 without --target-saving, none with it)")
+    c.add_argument("--max-error", type=float, help=f"mixed plans: largest output error any head's option may cost, "
+                   f"{r('max_error')} (default 0.1 without --target-saving, none with it)")
     c.add_argument("--retrieval-samples", type=int, default=4,
-                   help="extra samples with planted facts recalled later and a copied passage, built from the same "
-                        "text, so that retrieval heads are priced as such (default 4; 0 = prose only)")
-    c.add_argument("--target-context", type=int, help="context the target saving is measured at "
-                   "(default: --seq-len, where the errors are measured; the saving grows with context)")
-    c.add_argument("--max-group-size", type=int, default=8, help="layers per block at most (default 8)")
-    c.add_argument("--per-layer", action="store_true", help="all KV heads of a layer share the same blocks")
-    c.add_argument("--sinks", type=int, help="sink tokens (default: chosen from the attention curve)")
-    c.add_argument("--window", type=int, help="recent-window tokens (default: chosen from the attention curve)")
+                   help=f"extra samples with planted facts recalled later and a copied passage, built from the same "
+                        f"text, so that retrieval heads are priced as such, {r('retrieval_samples')} (default 4)")
+    c.add_argument("--max-group-size", type=int, default=8,
+                   help=f"layers per block at most, {r('max_group_size')} (default 8)")
+    c.add_argument("--per-layer", action="store_true", help="all KV heads of a layer share the same blocks "
+                   "(with --kinds follower)")
+    c.add_argument("--sinks", type=int, help=f"sink tokens, {r('sinks')} (default: chosen from the attention curve)")
+    c.add_argument("--window", type=int, help=f"follower recent window, {r('window')} and below --seq-len / 2 "
+                   "(default: chosen from the attention curve)")
     c.add_argument("--window-mass", type=float, default=0.8,
-                   help="share of attention mass the sinks + window must hold (default 0.8)")
+                   help=f"share of attention mass the sinks + window must hold, {r('window_mass')} (default 0.8)")
     c.add_argument("--mode", choices=["scores", "keys"], default="scores",
                    help="scores: followers reuse the anchor's distant logits (training-free, default); "
                         "keys: own query on the anchor's keys (adapted models only)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--device-map", help="e.g. auto (accelerate) for models larger than one GPU")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help=f"seed of the retrieval samples, {r('seed')} (default 0)")
     c.set_defaults(func=_calibrate)
 
-    i = sub.add_parser("inspect", help="explain a plan: blocks, windows, savings by context, plots")
+    i = sub.add_parser("inspect", help="explain a plan: kinds, blocks, windows, savings by context, plots")
     i.add_argument("plan")
-    i.add_argument("--context", type=int, help="context length to price (default: the model's maximum)")
-    i.add_argument("--batch", type=int, default=1)
-    i.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached element (default 2: bf16/fp16)")
-    i.add_argument("--plot", help="write a PNG: similarity heatmaps with blocks, and the window curve")
+    i.add_argument("--context", type=int, help=f"context length to price, {r('context')} (default: the model's maximum)")
+    i.add_argument("--batch", type=int, default=1, help=f"sequences, {r('batch')} (default 1)")
+    i.add_argument("--dtype-bytes", type=int, default=2, choices=[1, 2, 4],
+                   help="bytes per cached element (default 2: bf16/fp16)")
+    i.add_argument("--plot", help="write a PNG: kinds per head, similarity heatmaps with blocks, the window curve")
     i.set_defaults(func=_inspect)
 
     e = sub.add_parser("eval", help="score a plan against the full cache and baselines on long-context tasks")
@@ -171,15 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "perplexity by position on --data)")
     e.add_argument("--all", action="store_true", help="niah, every RULER-style task, and ppl")
     e.add_argument("--data", nargs="+", help="text for --task ppl (default: the haystack, else the embedded corpus)")
-    e.add_argument("--lengths", default="2k,4k", help="context lengths, e.g. 1k,2k,4k (default 2k,4k)")
-    e.add_argument("--depths", default="0,25,50,75,100", help="NIAH depths in percent")
-    e.add_argument("--ruler-depths", default="25,50", help="depths of the planted facts for RULER-style tasks")
+    e.add_argument("--lengths", default="2k,4k", help=f"context lengths, each {r('lengths')} and, with the answer, "
+                   "within the model's context, e.g. 1k,2k,4k (default 2k,4k)")
+    e.add_argument("--depths", default="0,25,50,75,100", help=f"NIAH depths in percent, each {r('depths')}")
+    e.add_argument("--ruler-depths", default="25,50",
+                   help=f"depths of the planted facts for RULER-style tasks, percent, each {r('depths')}")
     e.add_argument("--methods", help="comma list (default all): " + ", ".join(_method_names()))
     e.add_argument("--haystack", help="directory of texts (default: the embedded corpus)")
     e.add_argument("--model", help="model to load (default: the plan's model name)")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--limit", type=int, help="at most this many samples per task")
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--limit", type=int, help=f"at most this many samples per task, {r('limit')}")
+    e.add_argument("--max-new-tokens", type=int, default=32, help=f"answer tokens, {r('max_new_tokens')} (default 32)")
     e.add_argument("--out", default="eval-out", help="output directory (results.jsonl is resumed)")
     e.add_argument("--plot", help="write the NIAH heatmaps, one per method, to this PNG")
     e.set_defaults(func=_eval)
@@ -187,19 +267,49 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="run compressed generation with a plan and print the bytes saved")
     g.add_argument("plan")
     g.add_argument("--model", default="smollm2-135m")
-    g.add_argument("--prompt-tokens", type=int, default=2000)
-    g.add_argument("--new-tokens", type=int, default=24)
+    g.add_argument("--prompt-tokens", type=int, default=2000,
+                   help=f"needle prompt length, {r('prompt_tokens')} and within the model's context (default 2000)")
+    g.add_argument("--new-tokens", type=int, default=24, help=f"tokens to generate, {r('new_tokens')} (default 24)")
     g.set_defaults(func=_generate)
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # PlanError, CalibrationDataError, ... are ValueErrors
-        print(f"ilc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)  # subparsers are _Parser too (add_subparsers uses the parent's class)
+    except SystemExit as exc:  # usage errors (one line, exit 2) and --help (exit 0)
+        return int(exc.code or 0)
+    debug = args.debug or os.environ.get("ILC_DEBUG") == "1"
+    name = f"ilc {args.command}"
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {_one_line(message)}", file=sys.stderr)
+
+    try:
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = one_line_warning
+            return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{name}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as exc:  # OptionError, PlanError, CalibrationDataError, missing or unwritable files
+        if debug:
+            raise
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a bug or an environment problem: still one line, the traceback on request
+        if debug:
+            raise
+        print(f"{name}: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

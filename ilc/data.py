@@ -117,11 +117,14 @@ def pack(docs: list[Document], tokenizer, seq_len: int, max_samples: int | None 
     return CalibrationSet(samples, description, "sha256:" + digest.hexdigest()[:16], len(docs), len(stream))
 
 
-def load_calibration_set(tokenizer, data: list[str] | None, seq_len: int, max_samples: int | None = None):
+def load_calibration_set(tokenizer, data: list[str] | None, seq_len: int, max_samples: int | None = None,
+                         docs: list[Document] | None = None):
+    """Pack `data` (paths; None = the embedded corpus) into samples; `docs`: those paths, already read."""
     if data:
-        docs, description = read_documents(data), ", ".join(str(d) for d in data)
+        docs, description = docs or read_documents(data), ", ".join(str(d) for d in data)
     else:
-        docs, description = default_corpus(), "embedded default corpus (Austen, Pride and Prejudice; public domain)"
+        docs = docs or default_corpus()
+        description = "embedded default corpus (Austen, Pride and Prejudice; public domain)"
     return pack(docs, tokenizer, seq_len, max_samples, description)
 
 

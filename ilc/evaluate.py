@@ -8,6 +8,7 @@ stopped. `summary.md` / `summary.json` aggregate them, and `niah.png` shows the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -21,7 +22,9 @@ from tqdm.auto import tqdm
 
 from ilc.runtime import PoDCache, Plan, remove_plan
 
+from . import options
 from .baselines import equal_memory_window, streaming_plan, uniform_plan
+from .options import OptionError
 from .data import Document
 from .tasks import TaskSample, make_sample, score
 
@@ -60,6 +63,9 @@ METHODS = {m.name: m for m in (
 RULER_TASKS = ("multikey", "multivalue", "vartrack", "commonwords", "qa")
 
 
+PROMPT_OVERHEAD = 64  # tokens a task adds around its haystack (question, chat template), at most
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     lengths: tuple[int, ...] = (1024, 2048)
@@ -69,9 +75,26 @@ class EvalConfig:
     max_new_tokens: int = 32
     limit: int | None = None  # at most this many samples per task (quick runs)
 
+    def validate(self, max_context: int | None = None) -> None:
+        """Every option in its range (`ilc.options`), and the longest prompt plus its answer within the model."""
+        if not self.lengths or not self.depths or not self.seeds:
+            raise OptionError("--lengths, --depths and the seeds need at least one value each")
+        for n in self.lengths:
+            options.check("lengths", n)
+        for d in (*self.depths, *self.ruler_depths):
+            options.check("depths", 100 * d, "--depths / --ruler-depths")
+        for seed in self.seeds:
+            options.check("seed", seed, "seeds")
+        options.check("limit", self.limit)
+        options.check("max_new_tokens", self.max_new_tokens)
+        if max_context and max(self.lengths) + PROMPT_OVERHEAD + self.max_new_tokens > max_context:
+            raise OptionError(f"--lengths {max(self.lengths)} plus the question and --max-new-tokens "
+                              f"{self.max_new_tokens} exceed the model's context of {max_context} tokens")
+
 
 def build_samples(tasks: list[str], tokenizer, config: EvalConfig, haystack: list[Document] | None
                   ) -> list[TaskSample]:
+    config.validate()
     samples: list[TaskSample] = []
     for task in tasks:
         depths = config.depths if task == "niah" else config.ruler_depths
@@ -129,35 +152,70 @@ def record_key(method: str, sample: TaskSample) -> str:
     return f"{method}|{sample.task}|{sample.length}|{sample.depth}|{sample.meta.get('seed')}"
 
 
-def run(model, tokenizer, plan: Plan, methods: list[str], samples: list[TaskSample], out_dir: str | Path,
-        max_new_tokens: int = 32, progress: bool = True) -> list[dict]:
-    """Evaluate every method on every sample, appending to out_dir/results.jsonl (resumable)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.jsonl"
+def record_settings(model, plan: Plan, method: str, sample: TaskSample, max_new_tokens: int) -> dict:
+    """Everything that decides a record: a resumed run reuses a record only when all of it is the same."""
+    from ilc.runtime import model_signature
+
+    sig = model_signature(model)
+    return {
+        "method": method,
+        "plan": None if method == "full" else "sha256:" + hashlib.sha256(plan.to_yaml().encode()).hexdigest()[:16],
+        "model": f"{sig.config_fingerprint}/{sig.weights_fingerprint}",
+        "prompt": "sha256:" + hashlib.sha256(sample.input_ids.numpy().tobytes()).hexdigest()[:16],
+        "max_new_tokens": max_new_tokens,
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
+
+
+def _read_records(path: Path) -> dict:
+    """(key, settings) -> record, from a results.jsonl; lines cut short by an interrupted write are skipped."""
     done = {}
     if path.exists():
         for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            done[rec["key"]] = rec
-    todo = [(m, s) for m in methods for s in samples if record_key(m, s) not in done]
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "score" in rec and "settings" in rec:
+                done[(rec["key"], json.dumps(rec["settings"], sort_keys=True))] = rec
+    return done
+
+
+def run(model, tokenizer, plan: Plan, methods: list[str], samples: list[TaskSample], out_dir: str | Path,
+        max_new_tokens: int = 32, progress: bool = True) -> list[dict]:
+    """Evaluate every method on every sample, appending to out_dir/results.jsonl (resumable: a record is reused
+    only if it was made with the same settings, see `record_settings`)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise OptionError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    options.check("max_new_tokens", max_new_tokens)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = max((s.input_ids.shape[1] for s in samples), default=0)
+    if limit and longest + max_new_tokens > limit:
+        raise OptionError(f"a {longest}-token prompt plus {max_new_tokens} new tokens exceeds the model's context "
+                          f"of {limit} tokens; nothing was run")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.jsonl"
+    done = _read_records(path)
+    wanted = [(m, s, record_settings(model, plan, m, s, max_new_tokens)) for m in methods for s in samples]
+    ident = lambda m, s, st: (record_key(m, s), json.dumps(st, sort_keys=True))  # noqa: E731
+    todo = [w for w in wanted if ident(*w) not in done]
+    if todo and path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with path.open("a") as f:
+            f.write("\n")  # the last run stopped mid-line: start the next record on a line of its own
     with path.open("a") as f, tqdm(total=len(todo), desc="evaluating", disable=not progress) as bar:
-        for method in methods:
-            for sample in samples:
-                key = record_key(method, sample)
-                if key in done:
-                    continue
-                with applied(method, model, plan, sample.input_ids.shape[1]):
-                    res = generate_greedy(model, tokenizer, sample.input_ids, max_new_tokens)
-                rec = dict(key=key, method=method, task=sample.task, length=sample.length, depth=sample.depth,
-                           seed=sample.meta.get("seed"), answers=list(sample.answers),
-                           score=score(res["text"], sample.answers, sample.rule), **res)
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                done[key] = rec
-                bar.update(1)
-    keys = {record_key(m, s) for m in methods for s in samples}
-    return [r for k, r in done.items() if k in keys]
+        for method, sample, settings in todo:
+            with applied(method, model, plan, sample.input_ids.shape[1]):
+                res = generate_greedy(model, tokenizer, sample.input_ids, max_new_tokens)
+            rec = dict(key=record_key(method, sample), method=method, task=sample.task, length=sample.length,
+                       depth=sample.depth, seed=sample.meta.get("seed"), answers=list(sample.answers),
+                       score=score(res["text"], sample.answers, sample.rule), settings=settings, **res)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            done[ident(method, sample, settings)] = rec
+            bar.update(1)
+    return [done[ident(*w)] for w in wanted]
 
 
 PPL_BUCKETS = (0, 256, 1024, 2048, 4096, 8192, 16384)

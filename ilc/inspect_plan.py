@@ -84,6 +84,10 @@ def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, ba
             lines.append(f"  {name:<10} {len(specs):>4} heads {_mib(held):>11} held of {_mib(dense):>11} dense")
     if context > m.max_context:
         lines.append(f"warning: --context {context} exceeds the model's limit of {m.max_context}")
+    if plan.mode == "keys":
+        from ilc.runtime.apply import KEYS_MODE_WARNING
+
+        lines.append(f"warning: {KEYS_MODE_WARNING}")
     return "\n".join(lines)
 
 

@@ -2,13 +2,17 @@
 
 `apply_plan` checks the model against the plan, selects the registered ``ilc_pod`` attention function and
 installs one forward pre-hook on the model instance. The hook gives every forward that has no cache (or the
-empty `DynamicCache` that `generate` builds) a fresh `PoDCache`, records left padding, and refuses contexts
-beyond the model's limit. Nothing in transformers is patched and no state is global: two models with two plans
-work side by side, and `remove_plan` restores the model.
+empty `DynamicCache` that `generate` builds) a fresh `PoDCache`, refuses a cache built for another plan or mode,
+records left padding, and refuses contexts beyond the model's limit. Nothing in transformers is patched and no
+state is global or shared: the model gets its own copy of its config before its attention implementation
+changes (another model built from the same config object is untouched), two models with two plans work side by
+side, and `remove_plan` restores the model.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +23,22 @@ from transformers.masking_utils import AttentionMaskInterface
 from .architectures import check_supported, model_signature, text_config
 from .attention import ATTENTION_NAME, pod_attention, pod_mask
 from .cache import PoDCache
-from .plan import Plan, PlanError
+from .plan import Plan, PlanError, check_runtime_options
+
+
+class QualityWarning(UserWarning):
+    """The requested setting is known to give poor outputs (e.g. keys mode on weights that were not adapted)."""
+
+
+KEYS_MODE_WARNING = ("keys mode (own query on the anchor's keys) needs weights adapted to the plan; on unadapted "
+                     "weights the output degenerates (repetition). No adapter is recorded in this plan: use scores mode.")
+
+
+def check_cache_options(mode, skip_threshold, kernels) -> None:
+    """The runtime options of `apply` and `new_cache`, checked by the plan format's own rule."""
+    check_runtime_options(mode, skip_threshold)
+    if kernels not in (None, True, False):
+        raise PlanError(f"kernels: expected None, True or False, got {kernels!r}")
 
 
 @dataclass
@@ -70,11 +89,13 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
     """
     check_plan_matches(plan, model, strict=strict)
     mode = mode or plan.mode
-    if mode not in ("scores", "keys"):
-        raise PlanError(f"mode must be 'scores' or 'keys', got {mode!r}")
+    check_cache_options(mode, skip_threshold, kernels)
+    if mode == "keys":
+        warnings.warn(KEYS_MODE_WARNING, QualityWarning, stacklevel=3)
     if getattr(model, "_ilc_applied", None) is not None:
         remove_plan(model)
     register_attention()
+    _own_config(model)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     max_context = getattr(text_config(model.config), "max_position_embeddings", None)
@@ -92,6 +113,9 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
         elif not isinstance(cache, PoDCache):
             raise PlanError(f"an ilc plan is applied, but the forward got a {type(cache).__name__} that already "
                             "holds tokens; use plan.new_cache(model) or no cache")
+        elif cache.plan != applied.plan or cache.state.mode != applied.mode:
+            raise PlanError("this PoDCache was built for another plan (or mode) than the one applied to this model; "
+                            "use plan.new_cache(model) with the applied plan, or no cache")
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if tokens is None and args:
             tokens = args[0]
@@ -106,6 +130,18 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
     applied.hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
     model._ilc_applied = applied
     return model
+
+
+def _own_config(model) -> None:
+    """Give `model` a private copy of its config (every submodule that shared it follows), once, so that changing
+    the attention implementation never touches another model built from the same config object."""
+    if getattr(model, "_ilc_own_config", None) is model.config:
+        return
+    old, new = model.config, copy.deepcopy(model.config)
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = new
+    model._ilc_own_config = new
 
 
 def remove_plan(model):

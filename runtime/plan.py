@@ -9,15 +9,18 @@ A plan says, per KV head, how its layers are split into blocks of consecutive la
 `head_table()` turns the blocks into one `HeadSpec` per (layer, KV head) (kind full / follower / streaming).
 
 The file is versioned YAML (``format: ilc-plan/2``; ``ilc-plan/1`` files, which have shared blocks only, load
-unchanged) and is validated on load: every rejection names the field. This module imports only the standard
-library, torch-free, plus PyYAML, so serving code stays lean.
+unchanged) and is validated on load: every rejection names the file and the field, and unknown keys are rejected
+(with a "did you mean" where one is close). Tools that need to carry data of their own put it under
+``extensions:``, a free-form mapping that the loader keeps and the runtime ignores. This module imports only the
+standard library, torch-free, plus PyYAML, so serving code stays lean.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -84,6 +87,7 @@ class Plan:
     calibration: dict = field(default_factory=dict)  # provenance: data digest, tokens, versions, settings
     distance_curve: dict = field(default_factory=dict)  # attention mass by distance, for `ilc inspect`
     similarity: dict = field(default_factory=dict)  # banded similarity matrix per KV head, for `ilc inspect`
+    extensions: dict = field(default_factory=dict)  # other tools' data, kept as written (`extensions:`)
 
     def __post_init__(self):
         _validate(self, source="plan")
@@ -165,14 +169,20 @@ class Plan:
 
         return apply_plan(self, model, **kwargs)
 
-    def new_cache(self, model=None, **kwargs):
-        """A fresh compressed cache for this plan, to pass as `past_key_values=`."""
+    def new_cache(self, model=None, *, mode: str | None = None, skip_threshold: float | None = None,
+                  kernels: bool | None = None):
+        """A fresh compressed cache for this plan, to pass as `past_key_values=`. With `model` and no options,
+        the options given to `apply()`; a model running another plan is refused."""
+        from .apply import check_cache_options
         from .cache import PoDCache
 
+        check_cache_options(mode or self.mode, skip_threshold, kernels)
         applied = getattr(model, "_ilc_applied", None)
-        if applied is not None and applied.plan == self and not kwargs:
+        if applied is not None and applied.plan != self:
+            raise PlanError("new_cache: this model runs another plan; build the cache from the applied plan")
+        if applied is not None and mode is None and skip_threshold is None and kernels is None:
             return applied.new_cache()  # the options given to apply() (mode, skip threshold, kernels)
-        return PoDCache(self, **kwargs)
+        return PoDCache(self, mode=mode, skip_threshold=skip_threshold, kernels=kernels)
 
     def cache_report(self, cache) -> "CacheReport":  # noqa: F821 - imported lazily
         """Bytes the cache holds against a dense cache of the same tokens, by layer."""
@@ -201,6 +211,7 @@ class Plan:
             "estimated_savings": {c: round(self.estimated_saving(c), 4) for c in DEFAULT_REPORT_CONTEXTS},
             "distance_curve": dict(self.distance_curve),
             "similarity": _flow_rows(self.similarity),
+            **({"extensions": dict(self.extensions)} if self.extensions else {}),
         }
 
     def to_yaml(self) -> str:
@@ -216,15 +227,25 @@ class Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and validate a plan file. Raises `PlanError` naming the offending field."""
+    """Read and validate a plan file. Raises `PlanError` naming the file and the offending field."""
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"{path}: no such plan file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise PlanError(f"{path}: not a plan (not UTF-8 text; a binary file?)") from None
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML ({exc})") from None
+        raise PlanError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     return plan_from_dict(raw, source=str(path))
+
+
+TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "criterion", "calibration", "estimated_savings",
+                  "distance_curve", "similarity", "extensions")
 
 
 def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
@@ -233,7 +254,9 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
     fmt = r.get("format", str)
     if fmt not in READABLE_FORMATS:
         raise PlanError(f"{source}: format: expected one of {READABLE_FORMATS}, got {fmt!r}")
+    r.only(TOP_LEVEL_KEYS)
     m = r.section("model")
+    m.only([f.name for f in fields(ModelSignature)])
     model = ModelSignature(
         name=m.get("name", str),
         architecture=m.get("architecture", str),
@@ -247,10 +270,13 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         weights_fingerprint=m.get("weights_fingerprint", str, optional=True),
     )
     w = r.section("windows")
+    w.only(("sinks", "window"))
     sharing = r.section("sharing")
+    sharing.only(("mode", "skip_threshold", "blocks"))
     mode = sharing.get("mode", str)
     skip = sharing.get("skip_threshold", float, optional=True)
     blocks_section = sharing.section("blocks")
+    blocks_section.only(("all_heads", "per_head"))
     if "all_heads" in blocks_section.raw and "per_head" in blocks_section.raw:
         raise PlanError(f"{source}: sharing.blocks: give either all_heads or per_head, not both")
     streaming_ok = fmt != "ilc-plan/1"
@@ -274,6 +300,7 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         calibration=r.get("calibration", dict, optional=True) or {},
         distance_curve=r.get("distance_curve", dict, optional=True) or {},
         similarity=r.get("similarity", dict, optional=True) or {},
+        extensions=r.get("extensions", dict, optional=True) or {},
     )
     try:
         return Plan(**plan_kwargs)
@@ -310,15 +337,21 @@ def weights_fingerprint(model) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- validation
+def check_runtime_options(mode, skip_threshold, where: str = "") -> None:
+    """The one rule for `mode` and `skip_threshold`, in a plan file and in `apply(...)` alike."""
+    if mode not in MODES:
+        raise PlanError(f"{where}mode: expected one of {MODES}, got {mode!r}")
+    if skip_threshold is not None and (isinstance(skip_threshold, bool) or not isinstance(skip_threshold, (int, float))
+                                       or not 0.0 < skip_threshold <= 1.0):
+        raise PlanError(f"{where}skip_threshold: expected a number in (0, 1], got {skip_threshold!r}")
+
+
 def _validate(plan: Plan, source: str) -> None:
     m = plan.model
     if m.num_attention_heads % m.num_kv_heads:
         raise PlanError(f"{source}: model.num_attention_heads ({m.num_attention_heads}) is not a multiple of "
                         f"model.num_kv_heads ({m.num_kv_heads})")
-    if plan.mode not in MODES:
-        raise PlanError(f"{source}: sharing.mode: expected one of {MODES}, got {plan.mode!r}")
-    if plan.skip_threshold is not None and not 0.0 < plan.skip_threshold <= 1.0:
-        raise PlanError(f"{source}: sharing.skip_threshold: expected a number in (0, 1], got {plan.skip_threshold}")
+    check_runtime_options(plan.mode, plan.skip_threshold, f"{source}: sharing.")
     if plan.sinks < 0 or plan.window < 1:
         raise PlanError(f"{source}: windows: sinks must be >= 0 and window >= 1 (got {plan.sinks}, {plan.window})")
     if len(plan.blocks) != m.num_kv_heads:
@@ -362,7 +395,8 @@ def _parse_blocks(items: Any, where: str, streaming_ok: bool = True) -> tuple[Bl
             raise PlanError(f"{where}[{i}]: expected a list of layers or {{layers: [...], similarity: x}}")
         unknown = set(item) - allowed
         if unknown:
-            raise PlanError(f"{where}[{i}]: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+            raise PlanError(f"{where}[{i}]: unknown keys {sorted(unknown)}{_did_you_mean(unknown, allowed)} "
+                            f"(allowed: {sorted(allowed)})")
         layers, sim = item.get("layers"), item.get("similarity")
         kind, window = item.get("kind", "shared"), item.get("window")
         if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
@@ -419,6 +453,19 @@ class _Reader:
 
     def section(self, key: str) -> "_Reader":
         return _Reader(self.get(key, dict), self.source, f"{self.prefix}{key}.")
+
+    def only(self, allowed) -> None:
+        """Reject keys other than `allowed` (a typo is never silently ignored)."""
+        unknown = [k for k in self.raw if k not in allowed]
+        if unknown:
+            where = self.prefix.rstrip(".") or "top level"
+            raise PlanError(f"{self.source}: {where}: unknown key {', '.join(map(repr, unknown))}"
+                            f"{_did_you_mean(unknown, allowed)}; data of other tools goes under 'extensions:'")
+
+
+def _did_you_mean(unknown, allowed) -> str:
+    close = [m for k in unknown for m in difflib.get_close_matches(str(k), list(allowed), n=1, cutoff=0.75)]
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
 
 class _Flow(tuple):

@@ -67,3 +67,25 @@ def test_perplexity_by_position_per_method(tokenizer, tmp_path):
     assert ppl["plan"]["all"] != ppl["full"]["all"] and ppl["streaming"]["all"] != ppl["full"]["all"]
     assert all(v > 1.0 for row in ppl.values() for v in row.values())
     assert (tmp_path / "perplexity.json").exists()
+
+
+def test_resumed_records_must_match_their_settings(tokenizer, tmp_path):
+    """A record is reused only if made with the same settings (plan, model, prompt, answer length); a line cut
+    short by an interrupted write is skipped, never parsed as a result."""
+    model = tiny_llama(layers=4, heads=4, kv_heads=2, vocab=len(tokenizer), max_pos=1024)
+    plan = make_plan(model, [[0, 1], [2, 3]], sinks=4, window=64)
+    samples = build_samples(["niah"], tokenizer, EvalConfig(lengths=(256,), depths=(0.5,)), None)
+    first = run(model, tokenizer, plan, ["full", "plan"], samples, tmp_path, max_new_tokens=3, progress=False)
+    path = tmp_path / "results.jsonl"
+    with path.open("a") as f:
+        f.write('{"key": "plan|niah|256|0.5|0", "score": 1.0, "sett')  # interrupted mid-write
+    same = run(model, tokenizer, plan, ["full", "plan"], samples, tmp_path, max_new_tokens=3, progress=False)
+    assert same == first and len(path.read_text().splitlines()) == 3
+    other_plan = make_plan(model, [[0, 1, 2, 3]], sinks=4, window=64)
+    again = run(model, tokenizer, other_plan, ["full", "plan"], samples, tmp_path, max_new_tokens=3, progress=False)
+    assert again[0] == first[0], "the full model's record does not depend on the plan"
+    assert again[1]["settings"]["plan"] != first[1]["settings"]["plan"]
+    longer = run(model, tokenizer, plan, ["full"], samples, tmp_path, max_new_tokens=4, progress=False)
+    assert longer[0]["settings"]["max_new_tokens"] == 4 and len(path.read_text().splitlines()) == 5
+    assert len(run(model, tokenizer, plan, ["full", "plan"], samples, tmp_path, max_new_tokens=3,
+                   progress=False)) == 2 and len(path.read_text().splitlines()) == 5  # all reused

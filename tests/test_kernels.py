@@ -96,27 +96,16 @@ def test_mqa_and_no_sinks():
     assert err < TOLERANCE[torch.float32], err
 
 
-def test_generate_through_kernels_matches_reference():
-    """The runtime picks the kernels end to end (prefill, decode, scores-mode logits reuse) with plain generate()."""
-    model = tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=64).to(DEVICE)
-    plan = make_plan(model, None, sinks=2, window=6, per_head=[[[0, 1, 2], [3]], [[0], [1, 2, 3]]])
-    x = torch.randint(3, 97, (2, 40), device=DEVICE)
-    mask = torch.ones_like(x)
-    mask[1, :7] = 0
-    outs = {}
-    for kernels in (False, True):
-        plan.apply(model, kernels=kernels)
-        with torch.no_grad():
-            outs[kernels] = model(x, attention_mask=mask).logits[:, -1]
-            outs[f"gen{kernels}"] = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                                   pad_token_id=0)
-    assert (outs[True] - outs[False]).abs().max() < 1e-4
-    assert torch.equal(outs["genTrue"], outs["genFalse"])
-
-
-def test_generate_mixed_plan_through_kernels_matches_reference():
-    model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=64).to(DEVICE)
-    plan = mixed_plan(model, sinks=2, window=6, windows=(3, 8, 20))
+@pytest.mark.parametrize("kinds", ["shared", "mixed"])
+def test_generate_through_kernels_matches_reference(kinds):
+    """The runtime picks the kernels end to end (prefill, decode, scores-mode logits reuse; mixed: streaming heads
+    too) with plain generate()."""
+    if kinds == "shared":
+        model = tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=64).to(DEVICE)
+        plan = make_plan(model, None, sinks=2, window=6, per_head=[[[0, 1, 2], [3]], [[0], [1, 2, 3]]])
+    else:
+        model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=64).to(DEVICE)
+        plan = mixed_plan(model, sinks=2, window=6, windows=(3, 8, 20))
     x = torch.randint(3, 97, (2, 40), device=DEVICE)
     mask = torch.ones_like(x)
     mask[1, :7] = 0
@@ -190,3 +179,33 @@ def test_follower_without_its_anchor_this_step_fails_loudly():
     view, values = cache.update(k, k, 1)
     with pytest.raises(RuntimeError, match="step logits of anchor layer 0"):
         pod_attention_triton(torch.randn(1, 4, 1, 64, device=DEVICE), view, values, 0.125)
+
+
+def test_decode_launches_with_streaming_heads(monkeypatch):
+    """Layer 3 of the mixed plan holds streaming heads of two windows and a follower: one split launch for the
+    follower, one per streaming window, and one merge; no window is copied out of a ring."""
+    import ilc.kernels.decode as decode
+
+    model = tiny_llama(layers=5, heads=6, kv_heads=3)
+    plan = mixed_plan(model, sinks=2, window=6, windows=(2, 4, 30))
+    split, merge = _CountingKernel(decode._decode_split), _CountingKernel(decode._decode_merge)
+    monkeypatch.setattr(decode, "_decode_split", split)
+    monkeypatch.setattr(decode, "_decode_merge", merge)
+    cache = PoDCache(plan)
+    torch.manual_seed(0)
+    launches = {}
+    for n in (40, 1):
+        for layer in range(5):
+            k, v = torch.randn(1, 3, n, 64, device=DEVICE), torch.randn(1, 3, n, 64, device=DEVICE)
+            q = torch.randn(1, 6, n, 64, device=DEVICE)
+            view, values = cache.update(k, v, layer)
+            if layer in cache.last_reader:
+                cache.state.queries[layer] = q
+            split.launches = merge.launches = 0
+            got = pod_attention_triton(q, view, values, 0.125)
+            if n == 1:
+                launches[layer] = (split.launches, merge.launches)
+                assert not view.stream_recent, "decode reads the streaming rings in place"
+                assert (got - reference_attention(q, view, values, 0.125)).abs().max() < 1e-4
+    # layer 3: streaming windows 4 (head 0) and 30 (head 2), head 1 follows; layer 1: full, streaming 2, follower
+    assert launches[3] == (3, 1) and launches[1] == (2, 1) and launches[2] == (1, 1)
