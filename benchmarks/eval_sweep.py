@@ -25,6 +25,7 @@ from ilc.evaluate import RULER_TASKS, EvalConfig, build_samples, held_bytes, run
 from ilc.models import load_model
 
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
+COMPARE_UPTO = 0.5  # StreamingLLM and PoD-only run at the targets up to this one (the range the comparison covers)
 SEQ_LEN = 4096
 
 
@@ -99,6 +100,24 @@ def main(out: str, lengths, depths, seeds, haystack: str | None, targets):
     write(rows, out_dir, lengths, depths, seeds)
 
 
+def add_plan(out: str, path: str, name: str, lengths, depths, seeds, haystack: str | None):
+    """Evaluate one more plan file on the sweep's prompts and add its row to the sweep's table and curve."""
+    from ilc.runtime import load_plan
+
+    out_dir = Path(out)
+    rows = json.loads((out_dir / "sweep.json").read_text())
+    plan = load_plan(path)
+    model, tok, _ = load_model()
+    docs = read_documents([haystack]) if haystack else None
+    samples = sweep_samples(tok, lengths, depths, seeds, docs)
+    ppl_ids = pack(docs or [], tok, max(lengths), 1).samples if docs else None
+    s = evaluate(model, tok, plan, ["plan"], samples, out_dir / f"added-{Path(path).stem}", ppl_ids)
+    counts = plan.kind_counts()
+    rows = [r for r in rows if r["name"] != name] + [row(name, plan, s["plan"], f"{counts['full']}/"
+                                                          f"{counts['follower']}/{counts['streaming']}")]
+    write(rows, out_dir, lengths, depths, seeds)
+
+
 def write(rows, out_dir: Path, lengths, depths, seeds):
     n_niah = len(lengths) * len(depths) * len(seeds)
     lines = [f"NIAH: {n_niah} prompts ({len(lengths)} lengths x {len(depths)} depths x {len(seeds)} needles); "
@@ -153,6 +172,12 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", default="0,1,2", help="one needle per seed")
     ap.add_argument("--targets", default=",".join(str(int(t * 100)) for t in TARGETS), help="percent")
     ap.add_argument("--haystack", help="directory of texts (default: the embedded corpus)")
+    ap.add_argument("--add-plan", help="only evaluate this plan file on the sweep's prompts and add it as a row")
+    ap.add_argument("--name", help="the added plan's row name (default: the file name)")
     a = ap.parse_args()
-    main(a.out, tuple(int(x) for x in a.lengths.split(",")), tuple(float(x) / 100 for x in a.depths.split(",")),
-         tuple(int(x) for x in a.seeds.split(",")), a.haystack, tuple(float(x) / 100 for x in a.targets.split(",")))
+    grid = (tuple(int(x) for x in a.lengths.split(",")), tuple(float(x) / 100 for x in a.depths.split(",")),
+            tuple(int(x) for x in a.seeds.split(",")))
+    if a.add_plan:
+        add_plan(a.out, a.add_plan, a.name or Path(a.add_plan).name, *grid, a.haystack)
+    else:
+        main(a.out, *grid, a.haystack, tuple(float(x) / 100 for x in a.targets.split(",")))

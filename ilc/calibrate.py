@@ -236,7 +236,7 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
                settings: CalibrationSettings, target_context: int, sinks: int, window: int) -> tuple[tuple, dict]:
     """Per KV head, the plan's blocks under the settings, and what to record in the plan's criterion."""
     if not settings.mixed:
-        return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": list(settings.kinds)}
+        return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": ["follower"]}
     hkv, n, _ = sim.shape
     dense = 2 * n * hkv * target_context  # vectors of the whole dense cache
     saving = lambda spec: (2 * target_context - stored_vectors(spec, target_context, sinks)) / dense  # noqa: E731

@@ -41,8 +41,9 @@ def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, ba
         lines.append(f"grouping: {c.get('method')} on {c.get('similarity')} similarity, {rule}, "
                      f"max group {c.get('max_group_size')}{', per layer' if c.get('per_layer') else ''}")
     if cal:
+        retrieval = f" + {cal['retrieval_samples']} retrieval samples" if cal.get("retrieval_samples") else ""
         lines.append(f"calibrated on: {cal.get('data')} [{cal.get('data_digest')}], {cal.get('samples')} x "
-                     f"{cal.get('seq_len')} tokens, {cal.get('query_rows')} query rows per sample, "
+                     f"{cal.get('seq_len')} tokens{retrieval}, {cal.get('query_rows')} query rows per sample, "
                      f"transformers {cal.get('transformers_version')}, ilc {cal.get('ilc_version')}")
     if c.get("assignment"):
         lines.append(f"kinds: {', '.join(c.get('kinds', []))} or full, chosen by {c['assignment']}"

@@ -8,15 +8,17 @@
 Imports torch, transformers and PyYAML only (no scipy/networkx: those belong to the compiler).
 """
 
-from .apply import apply_plan, check_plan_matches, remove_plan
+from .apply import QualityWarning, apply_plan, check_plan_matches, remove_plan
 from .architectures import SUPPORTED_MODEL_TYPES, UnsupportedModelError, check_supported, model_signature
 from .attention import ATTENTION_NAME, pod_attention, reference_attention
 from .cache import PoDCache, PoDKeys, PoDLayer
+from .heads import HeadKind, HeadSpec
 from .plan import Block, ModelSignature, Plan, PlanError, load_plan, plan_from_dict
 from .report import CacheReport, cache_report
 
 __all__ = [
-    "ATTENTION_NAME", "Block", "CacheReport", "ModelSignature", "Plan", "PlanError", "PoDCache", "PoDKeys", "PoDLayer",
+    "ATTENTION_NAME", "Block", "CacheReport", "HeadKind", "HeadSpec", "ModelSignature", "Plan", "PlanError", "PoDCache",
+    "PoDKeys", "PoDLayer", "QualityWarning",
     "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "apply_plan", "cache_report", "check_plan_matches",
     "check_supported", "load_plan", "model_signature", "plan_from_dict", "pod_attention", "reference_attention",
     "remove_plan",

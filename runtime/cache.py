@@ -203,15 +203,15 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             _ring_write(self.ring_keys, window, own, start)
         view = PoDKeys(self, start, total, recent_start, recent)
         for index, group in enumerate(self.stream_groups):
-                k, v = key_states[:, group.select], value_states[:, group.select]
-                self._store_sinks(group.sink_k, k, start)
-                self._store_sinks(group.sink_v, v, start)
-                if n > 1:
-                    lo = max(0, start - group.window + 1)
-                    view.stream_recent[index] = (lo, _with_ring(group.ring_k, group.window, lo, start, k),
-                                                 _with_ring(group.ring_v, group.window, lo, start, v))
-                _ring_write(group.ring_k, group.window, k, start)
-                _ring_write(group.ring_v, group.window, v, start)
+            k, v = key_states[:, group.select], value_states[:, group.select]
+            self._store_sinks(group.sink_k, k, start)
+            self._store_sinks(group.sink_v, v, start)
+            if n > 1:  # as for followers: the chunk's recent vectors, read before the ring write drops any
+                lo = max(0, start - group.window + 1)
+                view.stream_recent[index] = (lo, _with_ring(group.ring_k, group.window, lo, start, k),
+                                             _with_ring(group.ring_v, group.window, lo, start, v))
+            _ring_write(group.ring_k, group.window, k, start)
+            _ring_write(group.ring_v, group.window, v, start)
         self.seen = total
         return view, self.values[:, :, :total]
 

@@ -124,6 +124,20 @@ def test_beam_search_runs(tiny):
     assert out.shape == (1, 26)
 
 
+def test_mixed_plan_beam_search_and_repeated_rows_match_the_full_model_when_exact():
+    """Beam search reorders, and num_return_sequences repeats, every buffer (streaming groups included): with
+    windows covering the context the beams equal the full model's."""
+    model = tiny_llama(layers=5, heads=6, kv_heads=3)
+    x = ids(t=30)
+    beams = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    want = model.generate(x, **beams)
+    mixed_plan(model, sinks=2, window=100, windows=(100, 100, 100)).apply(model)
+    assert torch.equal(model.generate(x, **beams), want)
+    mixed_plan(model, sinks=2, window=6, windows=(3, 8, 20)).apply(model)
+    lossy = model.generate(x, **beams)
+    assert lossy.shape == want.shape
+
+
 def test_apply_is_reversible_and_models_are_independent():
     m1, m2 = tiny_llama(seed=0), tiny_llama(seed=0)
     x = ids(t=60)
