@@ -125,7 +125,7 @@ def test_retrieval_samples_plant_facts_and_record_the_recall_rows():
 
 
 def test_explicit_windows_and_per_layer():
-    result, _ = run(sinks=2, window=16, per_layer=True, min_similarity=0.0, kinds=("follower",))
+    result, _ = run(sinks=2, window=16, per_layer=True, min_similarity=0.01, kinds=("follower",))
     plan = result.plan
     assert (plan.sinks, plan.window) == (2, 16)
     assert plan.heads_agree and plan.mean_blocks_per_head < 6
