@@ -25,7 +25,6 @@ from ilc.evaluate import RULER_TASKS, EvalConfig, build_samples, held_bytes, run
 from ilc.models import load_model
 
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
-COMPARE_UPTO = 0.5  # StreamingLLM and PoD-only run at the targets up to this one (the range the comparison covers)
 SEQ_LEN = 4096
 
 
