@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import emit_table, llama8b_plan
+from ilc.runtime.heads import HeadKind
 
 
 def bench(fn, warmup=3, reps=20):
@@ -103,12 +104,14 @@ def decode_bytes(plan, ctx, itemsize=2, reuse=True):
     """Bytes one decode step must read over all layers: dense vs PoD (reuse: scores-mode logits, else keys)."""
     d, g, hkv = 128, 4, 8
     dense = plan.num_layers * hkv * ctx * 2 * d * itemsize
-    prox = min(ctx, plan.sinks + plan.window)
     pod = 0
-    for layer, anchors in enumerate(plan.anchor_table()):
-        for h, a in enumerate(anchors):
-            if a == layer:
+    for row in plan.head_table():
+        for spec in row:
+            prox = min(ctx, plan.sinks + spec.window)
+            if spec.kind == HeadKind.FULL:
                 pod += ctx * 2 * d * itemsize + (ctx * g * 4 if reuse else 0)  # K + V (+ write fp32 logits)
+            elif spec.kind == HeadKind.STREAMING:  # its sinks and window, K and V
+                pod += prox * 2 * d * itemsize
             else:  # own V, own proximal K, then the anchor's logits (reuse) or the anchor's keys
                 pod += ctx * d * itemsize + prox * d * itemsize + (ctx - prox) * (g * 4 if reuse else d * itemsize)
     return dense, pod

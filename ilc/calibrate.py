@@ -166,10 +166,7 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
         criterion={
             "method": settings.method,
             "similarity": criterion,
-            "min_similarity": None if settings.mixed else _threshold(settings),
-            **chosen,
-            "target_saving": settings.target_saving,
-            "target_context": target_context if settings.target_saving else None,
+            **_choice_entries(settings, chosen, target_context),
             "max_group_size": settings.max_group_size,
             "per_layer": settings.per_layer,
             "window_mass": settings.window_mass,
@@ -195,6 +192,13 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
         similarity=_banded(sim, span),
     )
     return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows)
+
+
+def _choice_entries(settings: CalibrationSettings, chosen: dict, target_context: int) -> dict:
+    """The plan's criterion entries that depend on how the heads were chosen (`chosen`: from `plan_heads`)."""
+    return {"min_similarity": None if settings.mixed else _threshold(settings), **chosen,
+            "target_saving": settings.target_saving,
+            "target_context": target_context if settings.target_saving else None}
 
 
 def _threshold(settings: CalibrationSettings) -> float | None:
@@ -280,9 +284,7 @@ def regroup(result: CalibrationResult, settings: CalibrationSettings, target_con
     blocks, chosen = plan_heads(result.similarity, result.streaming_error, result.streaming_windows, settings,
                                 target_context, plan.sinks, plan.window)
     kept = {k: v for k, v in plan.criterion.items() if k not in MIXED_CRITERION_KEYS}
-    criterion = {**kept, **chosen, "min_similarity": None if settings.mixed else _threshold(settings),
-                 "target_saving": settings.target_saving,
-                 "target_context": target_context if settings.target_saving else None}
+    criterion = {**kept, **_choice_entries(settings, chosen, target_context)}
     return replace(plan, blocks=blocks, criterion=criterion)
 
 

@@ -152,18 +152,26 @@ def record_key(method: str, sample: TaskSample) -> str:
     return f"{method}|{sample.task}|{sample.length}|{sample.depth}|{sample.meta.get('seed')}"
 
 
-def record_settings(model, plan: Plan, method: str, sample: TaskSample, max_new_tokens: int) -> dict:
-    """Everything that decides a record: a resumed run reuses a record only when all of it is the same."""
+def run_settings(model, plan: Plan) -> dict:
+    """What every record of one run shares: the model's fingerprints, its dtype and the plan's digest."""
     from ilc.runtime import model_signature
 
     sig = model_signature(model)
+    return {"plan": "sha256:" + hashlib.sha256(plan.to_yaml().encode()).hexdigest()[:16],
+            "model": f"{sig.config_fingerprint}/{sig.weights_fingerprint}",
+            "dtype": str(model.dtype).replace("torch.", "")}
+
+
+def record_settings(shared: dict, method: str, sample: TaskSample, max_new_tokens: int) -> dict:
+    """Everything that decides a record (`shared`: from `run_settings`): a resumed run reuses a record only when
+    all of it is the same. The full model's records do not depend on the plan."""
     return {
         "method": method,
-        "plan": None if method == "full" else "sha256:" + hashlib.sha256(plan.to_yaml().encode()).hexdigest()[:16],
-        "model": f"{sig.config_fingerprint}/{sig.weights_fingerprint}",
+        "plan": None if method == "full" else shared["plan"],
+        "model": shared["model"],
         "prompt": "sha256:" + hashlib.sha256(sample.input_ids.numpy().tobytes()).hexdigest()[:16],
         "max_new_tokens": max_new_tokens,
-        "dtype": str(model.dtype).replace("torch.", ""),
+        "dtype": shared["dtype"],
     }
 
 
@@ -198,7 +206,8 @@ def run(model, tokenizer, plan: Plan, methods: list[str], samples: list[TaskSamp
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.jsonl"
     done = _read_records(path)
-    wanted = [(m, s, record_settings(model, plan, m, s, max_new_tokens)) for m in methods for s in samples]
+    shared = run_settings(model, plan)
+    wanted = [(m, s, record_settings(shared, m, s, max_new_tokens)) for m in methods for s in samples]
     ident = lambda m, s, st: (record_key(m, s), json.dumps(st, sort_keys=True))  # noqa: E731
     todo = [w for w in wanted if ident(*w) not in done]
     if todo and path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):

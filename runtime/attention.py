@@ -132,11 +132,9 @@ def streaming_part(query, sink_keys, sink_values, recent_keys, recent_values, *,
     for c0 in range(0, q, 256):
         c1 = min(q, c0 + 256)
         i = torch.arange(view.start + c0, view.start + c1, device=dev)[:, None]
-        real = i >= rs  # [B, qc, 1]
         w_lo = max(recent_start, view.start + c0 - window + 1)
         jw = torch.arange(w_lo, view.start + c1, device=dev)[None, None, :]
-        m_sink = real & (js <= i) & (js < view.total)
-        m_win = (jw <= i) & (jw > i - window) & (~real | (jw >= rs + s))
+        real, m_sink, m_win = _proximal_masks(i, rs, js, jw, view.total, s, window)
         keys = torch.cat([sink_keys, recent_keys[:, :, w_lo - recent_start:c1 + view.start - recent_start]], 2)
         vals = torch.cat([sink_values, recent_values[:, :, w_lo - recent_start:c1 + view.start - recent_start]], 2)
         mask = torch.cat([m_sink, m_win], dim=-1)[:, None]
@@ -261,6 +259,17 @@ def proximal_attention(q, sink_keys, sink_values, recent_keys, recent_values, *,
     return out, lse
 
 
+def _proximal_masks(i, rs, js, jw, total: int, sinks: int, window: int):
+    """Masks of the proximal keys under left padding, for query slots i [qc, 1] and rows starting at rs [B, 1, 1]:
+    (real [B, qc, 1]: the query is a real token; sink mask over each row's sink slots js [B, 1, S]; window mask
+    over slots jw [1, 1, n]). A real query sees its row's stored sinks and its window after them; a pad query sees
+    only pad slots in its window (so no row is empty)."""
+    real = i >= rs
+    m_sink = real & (js <= i) & (js < total)
+    m_win = (jw <= i) & (jw > i - window) & (~real | (jw >= rs + sinks))
+    return real, m_sink, m_win
+
+
 def _split_masked(q_own, q_dist, *, sink_keys, recent_keys, anchor_keys, values, view: PoDKeys, scaling):
     """General path (left padding, chunked prefill, compute skip): one masked SDPA over all key segments."""
     state = view.state
@@ -284,7 +293,6 @@ def _split_masked(q_own, q_dist, *, sink_keys, recent_keys, anchor_keys, values,
         c1 = min(q, c0 + step)
         i_lo, i_hi = view.start + c0, view.start + c1
         i = torch.arange(i_lo, i_hi, device=dev)[:, None]
-        real = i >= rs  # [B, qc, 1]
         # own keys: window slots [w_lo, i_hi) come from the recent keys (which start at view.recent_start)
         w_lo = max(view.recent_start, i_lo - w + 1)
         win_k = recent_keys[:, :, w_lo - view.recent_start:i_hi - view.recent_start]
@@ -297,8 +305,7 @@ def _split_masked(q_own, q_dist, *, sink_keys, recent_keys, anchor_keys, values,
         js = sink_slots[:, None, :]  # [B, 1, S]
         jw = torch.arange(w_lo, i_hi, device=dev)[None, None, :]
         jd = torch.arange(d_lo, d_hi, device=dev)[None, None, :]
-        m_sink = real & (js <= i) & (js < view.total)
-        m_win = (jw <= i) & (jw > i - w) & (~real | (jw >= rs + s))
+        real, m_sink, m_win = _proximal_masks(i, rs, js, jw, view.total, s, w)
         m_dist = real & (jd >= rs + s) & (jd <= i - w)
         if scores_mode:
             keys = torch.cat([torch.cat([sink_keys, zeros(sink_keys)], -1), torch.cat([win_k, zeros(win_k)], -1),

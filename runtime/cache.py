@@ -53,12 +53,11 @@ class PoDKeys:
     total: int  # slots after this update
     recent_start: int  # first slot any new query sees through its window
     chunk_recent: torch.Tensor | None = None  # recent keys of a multi-token update (the ring has dropped some)
+    stream_recent: dict = field(default_factory=dict)  # StreamGroup index -> (recent_start, keys, values)
 
     @property
     def state(self) -> CacheState:
         return self.layer.state
-
-    stream_recent: dict = field(default_factory=dict)  # StreamGroup index -> (recent_start, keys, values)
 
     @property
     def recent_keys(self) -> torch.Tensor | None:

@@ -129,10 +129,6 @@ class Plan:
         return counts
 
     @property
-    def has_streaming(self) -> bool:
-        return any(b.kind == "streaming" for blocks in self.blocks for b in blocks)
-
-    @property
     def heads_agree(self) -> bool:
         return all([b.layers for b in blocks] == [b.layers for b in self.blocks[0]] for blocks in self.blocks)
 
