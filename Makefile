@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ilc-setup
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench peers clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -34,5 +34,16 @@ bench: setup
 	$(PY) benchmarks/calibrate.py --out docs/calibration.md
 	$(PY) benchmarks/memory.py --smollm2 --out docs/memory.md
 
+# NVIDIA kvpress in its own environment (it pins transformers<5.3): benchmarks/peers/kvpress_runner.py runs there
+PEERS ?= .venv-peers
+$(PEERS)/.ilc-peers: benchmarks/peers/requirements.txt
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS)/bin/python -m pip install -q -r benchmarks/peers/requirements.txt
+	touch $@
+
+peers: $(PEERS)/.ilc-peers
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(PEERS) out .pytest_cache

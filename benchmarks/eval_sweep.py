@@ -21,8 +21,8 @@ from common import emit_table
 from ilc.baselines import equal_memory_window, streaming_plan, uniform_plan
 from ilc.calibrate import CalibrationSettings, calibrate, regroup
 from ilc.data import pack, read_documents
-from ilc.evaluate import RULER_TASKS, EvalConfig, build_samples, held_bytes, run, run_perplexity, summarize
-from ilc.models import load_model
+from ilc.evaluate import RULER_TASKS, EvalConfig, build_samples, held_bytes, run, run_perplexity, summarize, write_prompts
+from ilc.models import load_model, weights_dir
 
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
 SEQ_LEN = 4096
@@ -61,6 +61,7 @@ def main(out: str, lengths, depths, seeds, haystack: str | None, targets):
     base = calibrate(CalibrationSettings(seq_len=SEQ_LEN), model, tok, src.name, progress=False)
     docs = read_documents([haystack]) if haystack else None
     samples = sweep_samples(tok, lengths, depths, seeds, docs)
+    write_prompts(samples, out_dir, weights_dir(src))  # for the kvpress runner (benchmarks/peers)
     ppl_ids = pack(docs or [], tok, max(lengths), 1).samples if docs else None
     rows = []
     full = evaluate(model, tok, base.plan, ["full", "uniform-2"], samples, out_dir / "full", ppl_ids)
@@ -97,6 +98,30 @@ def main(out: str, lengths, depths, seeds, haystack: str | None, targets):
     rows.append(row("mixed 30%, calibrated on prose only", prose, s["plan"],
                     f"{counts['full']}/{counts['follower']}/{counts['streaming']}"))
     write(rows, out_dir, lengths, depths, seeds)
+
+
+def selection_rows(out: str, lengths, depths, seeds, haystack: str | None, targets, keeps, scorer: str = "snapkv"):
+    """PoD + token selection: for each target, the mixed plan with selection (`keeps`: share of distant tokens full
+    heads keep) and selection alone at the same bytes (`selection-equal`), on the sweep's prompts (records and
+    plans under out/selection-*; `benchmarks/peers_table.py` puts them beside kvpress)."""
+    from ilc.baselines import equal_memory_selection, selection_plan
+
+    out_dir = Path(out)
+    model, tok, src = load_model()
+    base = calibrate(CalibrationSettings(seq_len=SEQ_LEN), model, tok, src.name, progress=False)
+    docs = read_documents([haystack]) if haystack else None
+    samples = sweep_samples(tok, lengths, depths, seeds, docs)
+    ppl_ids = pack(docs or [], tok, max(lengths), 1).samples if docs else None
+    for target, keep in zip(targets, keeps):
+        tag = int(round(target * 100))
+        plan = regroup(base, CalibrationSettings(seq_len=SEQ_LEN, target_saving=target, keep=keep, scorer=scorer),
+                       SEQ_LEN)
+        plan.save(out_dir / f"plan-selection-{tag}.yaml")
+        s = evaluate(model, tok, plan, ["plan", "selection-equal"], samples, out_dir / f"selection-{tag}", ppl_ids)
+        alone = selection_plan(plan, equal_memory_selection(plan, SEQ_LEN))
+        print(row(f"mixed + selection {tag}%", plan, s["plan"], str(plan.kind_counts())),
+              row(f"selection alone at its bytes (keep {alone.selection.keep:.3f})", alone, s["selection-equal"]),
+              sep="\n", flush=True)
 
 
 def add_plan(out: str, path: str, name: str, lengths, depths, seeds, haystack: str | None):
@@ -173,10 +198,16 @@ if __name__ == "__main__":
     ap.add_argument("--haystack", help="directory of texts (default: the embedded corpus)")
     ap.add_argument("--add-plan", help="only evaluate this plan file on the sweep's prompts and add it as a row")
     ap.add_argument("--name", help="the added plan's row name (default: the file name)")
+    ap.add_argument("--selection", help="only run PoD + token selection at these targets (percent, e.g. 50,75,90) "
+                    "and selection alone at the same bytes; add them as rows")
+    ap.add_argument("--keep", default="0.3,0.2,0.1", help="with --selection: share of distant tokens kept, per target")
     a = ap.parse_args()
     grid = (tuple(int(x) for x in a.lengths.split(",")), tuple(float(x) / 100 for x in a.depths.split(",")),
             tuple(int(x) for x in a.seeds.split(",")))
-    if a.add_plan:
+    if a.selection:
+        selection_rows(a.out, *grid, a.haystack, [float(x) / 100 for x in a.selection.split(",")],
+                       [float(x) for x in a.keep.split(",")])
+    elif a.add_plan:
         add_plan(a.out, a.add_plan, a.name or Path(a.add_plan).name, *grid, a.haystack)
     else:
         main(a.out, *grid, a.haystack, tuple(float(x) / 100 for x in a.targets.split(",")))

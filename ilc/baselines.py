@@ -6,7 +6,10 @@ method:
   dropped (the token-loss baseline PoD argues against);
 - StreamingLLM at equal memory: the window enlarged until the cache holds as many bytes as the plan's;
 - uniform blocks: every KV head grouped into fixed shared blocks of 2, 3 or 4 consecutive layers (is
-  calibration worth it?).
+  calibration worth it?);
+- token selection alone (our SnapKV): every head FULL with the plan's selection rule, keeping as many distant
+  tokens as makes the cache hold the plan's bytes (does sharing add anything to selection?).
+Baselines carry no selection of the plan's own unless they are the selection baseline.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ilc.runtime.heads import Selection
 from ilc.runtime.plan import Plan, blocks_from_layers, streaming_block
 
 
@@ -21,14 +25,33 @@ def streaming_plan(plan: Plan, window: int) -> Plan:
     """StreamingLLM as a plan: the plan's model and sinks, every head streaming with `window`."""
     head = tuple(streaming_block(layer, window) for layer in range(plan.num_layers))
     return replace(plan, blocks=tuple(head for _ in range(plan.num_kv_heads)),
-                   criterion={"method": f"streaming-{window}"}, similarity={})
+                   criterion={"method": f"streaming-{window}"}, similarity={}, selection=None)
 
 
 def uniform_plan(plan: Plan, size: int) -> Plan:
     """The plan's windows and model, with every KV head grouped into blocks of `size` consecutive layers."""
     groups = [list(range(a, min(plan.num_layers, a + size))) for a in range(0, plan.num_layers, size)]
     return replace(plan, blocks=tuple(blocks_from_layers(groups) for _ in range(plan.num_kv_heads)),
-                   criterion={"method": f"uniform-{size}"}, similarity={})
+                   criterion={"method": f"uniform-{size}"}, similarity={}, selection=None)
+
+
+def selection_plan(plan: Plan, selection: Selection) -> Plan:
+    """Token selection alone: every head FULL (no sharing, no streaming), `selection` at the end of prefill."""
+    groups = [[layer] for layer in range(plan.num_layers)]
+    return replace(plan, blocks=tuple(blocks_from_layers(groups) for _ in range(plan.num_kv_heads)),
+                   criterion={"method": f"selection-{selection.scorer}-{selection.keep:.3f}"}, similarity={},
+                   selection=selection)
+
+
+def equal_memory_selection(plan: Plan, context: int) -> Selection:
+    """The selection-only rule (the plan's scorer and window, else SnapKV's defaults) whose cache holds the plan's
+    bytes after a `context`-token prompt."""
+    rule = plan.selection or Selection(keep=0.5)
+    _, planned = plan.kv_tokens(context)
+    per_head = planned / (2 * plan.num_layers * plan.num_kv_heads)  # tokens each head may keep
+    distant = context - min(context, plan.sinks + rule.window)
+    keep = (per_head - plan.sinks - rule.window) / distant if distant > 0 else 0.5
+    return replace(rule, keep=min(max(keep, 1e-3), 0.999))
 
 
 def equal_memory_window(plan: Plan, context: int) -> int:

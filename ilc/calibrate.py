@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import ilc
 from ilc.runtime.architectures import model_signature
-from ilc.runtime.heads import HeadKind, HeadSpec, stored_vectors
+from ilc.runtime.heads import SCORERS, HeadKind, HeadSpec, Selection, stored_vectors
 from ilc.runtime.plan import MODES, Block, Plan, blocks_from_layers, streaming_block
 
 from . import grouping, options
@@ -61,10 +61,20 @@ class CalibrationSettings:
     kinds: tuple[str, ...] = KINDS
     retrieval_samples: int = 4
     max_error: float | None = None  # mixed plans: largest output error any one head's option may cost
+    keep: float | None = None  # token selection: share of the distant tokens FULL heads keep (None: no selection)
+    scorer: str = "snapkv"  # token selection's scoring rule (`ilc.runtime.heads.SCORERS`)
+    selection_window: int = 64  # token selection: recent tokens always kept (SnapKV's observation window)
     device: str = "cpu"
     dtype: str | None = None
     device_map: str | None = None
     seed: int = 0
+
+    @property
+    def selection(self) -> Selection | None:
+        """The plan's `Selection` (None without --keep)."""
+        if self.keep is None:
+            return None
+        return Selection(keep=self.keep, scorer=self.scorer, window=self.selection_window)
 
     @property
     def mixed(self) -> bool:
@@ -74,7 +84,8 @@ class CalibrationSettings:
     def validate(self) -> None:
         """Check every option against its range (`ilc.options.RANGES`) and the combinations; raises OptionError."""
         for name in ("seq_len", "samples", "query_rows", "min_similarity", "target_saving", "target_context",
-                     "max_group_size", "sinks", "window", "window_mass", "max_error", "retrieval_samples", "seed"):
+                     "max_group_size", "sinks", "window", "window_mass", "max_error", "retrieval_samples", "seed", "keep",
+                     "selection_window"):
             options.check(name, getattr(self, name))
         if self.method not in grouping.METHODS:
             raise OptionError(f"--method must be one of {', '.join(grouping.METHODS)}, got {self.method!r}")
@@ -82,6 +93,8 @@ class CalibrationSettings:
             raise OptionError(f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.mode not in MODES:
             raise OptionError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.scorer not in SCORERS:
+            raise OptionError(f"--scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise OptionError(f"--kinds must be a comma list of {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
@@ -98,6 +111,9 @@ class CalibrationSettings:
         if self.target_saving is not None:
             if self.method != "optimal":
                 raise OptionError("--target-saving needs --method optimal")
+            if self.keep is not None and not self.mixed:
+                raise OptionError("--keep with --target-saving prices heads as mixed plans do: use --method optimal "
+                                  "with streaming in --kinds (the default)")
             if not self.mixed and self.target_saving >= 0.5:
                 raise OptionError(f"--target-saving must be below 0.5 with --kinds follower (sharing keys saves at "
                                   f"most half the cache; add streaming to --kinds), got {self.target_saving}")
@@ -162,6 +178,7 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
         sinks=choice.sinks,
         window=choice.window,
         blocks=per_head,
+        selection=settings.selection,
         mode=settings.mode,
         criterion={
             "method": settings.method,
@@ -238,15 +255,24 @@ def plan_blocks(sim: np.ndarray, settings: CalibrationSettings, target_context: 
 
 def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[int, ...],
                settings: CalibrationSettings, target_context: int, sinks: int, window: int) -> tuple[tuple, dict]:
-    """Per KV head, the plan's blocks under the settings, and what to record in the plan's criterion."""
+    """Per KV head, the plan's blocks under the settings, and what to record in the plan's criterion.
+
+    With token selection (--keep), every head is priced as selection leaves it: a FULL head already saves what
+    selection drops (at no priced error: selection's loss is not measured here), so the choices are made on what
+    each option saves beyond that, towards the rest of the target. Followers need values for their whole window,
+    so with a selection window below it, heads are full or streaming."""
     if not settings.mixed:
         return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": ["follower"]}
     hkv, n, _ = sim.shape
+    selection = settings.selection
     dense = 2 * n * hkv * target_context  # vectors of the whole dense cache
-    saving = lambda spec: (2 * target_context - stored_vectors(spec, target_context, sinks)) / dense  # noqa: E731
-    follower_saving = saving(HeadSpec(HeadKind.FOLLOWER, 0, window))
-    stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w)) for w in windows])
+    saving = lambda spec: (2 * target_context - stored_vectors(spec, target_context, sinks, selection)) / dense  # noqa: E731
+    base = saving(HeadSpec(HeadKind.FULL, 0, 0))  # what selection alone saves per head
+    follower_saving = saving(HeadSpec(HeadKind.FOLLOWER, 0, window)) - base
+    stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w)) for w in windows]) - base
     allowed = frozenset(settings.kinds)
+    if selection is not None and selection.window < window:  # followers need values for their whole window
+        allowed -= {"follower"}
     options = [grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_err[h], stream_saving, windows, allowed)
                for h in range(hkv)]
     max_error = settings.max_error
@@ -254,8 +280,10 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
         max_error = 1.0 - (settings.min_similarity if settings.min_similarity is not None
                            else DEFAULT_THRESHOLD["optimal"])
     size = min(settings.max_group_size, n)
+    target = None if settings.target_saving is None else settings.target_saving - base * n * hkv
     try:
-        segments, error, saved = grouping.assign_mixed(options, size, settings.target_saving, max_error)
+        segments, error, saved = grouping.assign_mixed(options, size, target, max_error)
+        saved += base * n * hkv
     except ValueError as exc:
         raise ValueError(f"--target-saving {settings.target_saving} at {target_context} tokens is out of reach: "
                          f"{exc}; raise --max-group-size or --max-error, or lower the target") from None
@@ -285,7 +313,7 @@ def regroup(result: CalibrationResult, settings: CalibrationSettings, target_con
                                 target_context, plan.sinks, plan.window)
     kept = {k: v for k, v in plan.criterion.items() if k not in MIXED_CRITERION_KEYS}
     criterion = {**kept, **_choice_entries(settings, chosen, target_context)}
-    return replace(plan, blocks=blocks, criterion=criterion)
+    return replace(plan, blocks=blocks, criterion=criterion, selection=settings.selection)
 
 
 def _banded(sim: np.ndarray, span: int) -> dict:

@@ -27,7 +27,8 @@ def calibration_settings(args):
         target_saving=args.target_saving, target_context=args.target_context, max_group_size=args.max_group_size,
         per_layer=args.per_layer, sinks=args.sinks, window=args.window, window_mass=args.window_mass,
         mode=args.mode, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-        retrieval_samples=args.retrieval_samples, max_error=args.max_error, device=args.device, dtype=args.dtype,
+        retrieval_samples=args.retrieval_samples, max_error=args.max_error, keep=args.keep,
+        scorer=args.scorer, selection_window=args.selection_window, device=args.device, dtype=args.dtype,
         device_map=args.device_map, seed=args.seed,
     )
     settings.validate()
@@ -81,6 +82,8 @@ def eval_request(args):
     if unknown:
         raise OptionError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     check_device(args.device)
+    if args.peers and not Path(args.peers).is_file():
+        raise OptionError(f"--peers {args.peers}: no such file")
     if args.haystack and not Path(args.haystack).is_dir():
         raise OptionError(f"--haystack {args.haystack}: no such directory")
     check_writable(args.out, "--out", directory=True)
@@ -98,18 +101,27 @@ def _eval(args) -> int:
     import json
 
     from .data import read_documents
-    from .evaluate import format_perplexity, format_summary, plot_niah, run, run_perplexity, summarize
-    from .models import load_model
+    from .evaluate import format_perplexity, format_summary, plot_niah, run, run_perplexity, summarize, write_prompts
+    from .models import load_model, weights_dir
 
     plan, tasks, methods, config, want_ppl = eval_request(args)
     haystack = read_documents([args.haystack]) if args.haystack else None
-    model, tokenizer, _ = load_model(args.model or plan.model.name, args.device)
+    model, tokenizer, source = load_model(args.model or plan.model.name, args.device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if tasks:
         from .evaluate import build_samples
 
         samples = build_samples(tasks, tokenizer, config, haystack)
+        write_prompts(samples, args.out, weights_dir(source))
         records = run(model, tokenizer, plan, methods, samples, args.out, config.max_new_tokens)
+        if args.peers:
+            from .evaluate import merge_peers, read_peer_records
+
+            peers = read_peer_records(args.peers, samples)
+            if not peers:
+                raise OptionError(f"--peers {args.peers}: no records for these prompts (run the peer runner on "
+                                  f"{Path(args.out, 'prompts.jsonl')} first)")
+            records, methods = merge_peers(records, methods, peers)
         summary = summarize(records, methods)
         title = (f"`ilc eval {args.plan}`: {len(samples)} samples ({', '.join(tasks)}) at {args.lengths} tokens, "
                  f"haystack {args.haystack or 'embedded corpus'}; model {plan.model.name}")
@@ -210,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kinds", default="follower,streaming",
                    help="what a (layer, KV head) may become besides full: follower (PoD sharing), streaming "
                         "(sinks + own window only); default follower,streaming. --kinds follower gives PoD-only plans")
+    c.add_argument("--keep", type=float, help=f"token selection (SnapKV-style, once at the end of prefill): the "
+                   f"share of distant tokens every full head keeps, {r('keep')}; followers keep their anchor's "
+                   "choice, streaming heads are unaffected (default: no selection)")
+    c.add_argument("--scorer", default="snapkv", choices=["snapkv", "tova"],
+                   help="token selection's scoring rule (default snapkv)")
+    c.add_argument("--selection-window", type=int, default=64, help=f"token selection: recent tokens always kept "
+                   f"and the queries that score, {r('selection_window')} (default 64; at least the followers' window)")
     c.add_argument("--max-error", type=float, help=f"mixed plans: largest output error any head's option may cost, "
                    f"{r('max_error')} (default 0.1 without --target-saving, none with it)")
     c.add_argument("--retrieval-samples", type=int, default=4,
@@ -262,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=32, help=f"answer tokens, {r('max_new_tokens')} (default 32)")
     e.add_argument("--out", default="eval-out", help="output directory (results.jsonl is resumed)")
     e.add_argument("--plot", help="write the NIAH heatmaps, one per method, to this PNG")
+    e.add_argument("--peers", help="a results JSONL from the kvpress runner (`make peers`, then "
+                   "benchmarks/peers/kvpress_runner.py on OUT/prompts.jsonl): its presses join the table and plot")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="run compressed generation with a plan and print the bytes saved")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ilc.runtime import PoDCache, Plan, remove_plan
 
 from . import options
-from .baselines import equal_memory_window, streaming_plan, uniform_plan
+from .baselines import equal_memory_selection, equal_memory_window, selection_plan, streaming_plan, uniform_plan
 from .options import OptionError
 from .data import Document
 from .tasks import TaskSample, make_sample, score
@@ -57,6 +57,8 @@ METHODS = {m.name: m for m in (
            lambda plan, n: streaming_plan(plan, plan.window)),
     Method("streaming-equal", "StreamingLLM with the window enlarged to the plan's bytes",
            lambda plan, n: streaming_plan(plan, equal_memory_window(plan, n))),
+    Method("selection-equal", "token selection alone (every head full, the plan's scorer, SnapKV's by default) at "
+           "the plan's bytes", lambda plan, n: selection_plan(plan, equal_memory_selection(plan, n))),
     *(Method(f"uniform-{k}", f"uniform blocks of {k} layers, the plan's windows",
              lambda plan, n, k=k: uniform_plan(plan, k)) for k in (2, 3, 4)),
 )}
@@ -148,8 +150,48 @@ def generate_greedy(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: i
                 dense_bytes=dense, tokens=tokens, prefill_s=prefill, decode_ms=decode * 1e3)
 
 
+def prompt_key(sample: TaskSample) -> str:
+    return f"{sample.task}|{sample.length}|{sample.depth}|{sample.meta.get('seed')}"
+
+
 def record_key(method: str, sample: TaskSample) -> str:
-    return f"{method}|{sample.task}|{sample.length}|{sample.depth}|{sample.meta.get('seed')}"
+    return f"{method}|{prompt_key(sample)}"
+
+
+def prompt_digest(sample: TaskSample) -> str:
+    return "sha256:" + hashlib.sha256(sample.input_ids.numpy().tobytes()).hexdigest()[:16]
+
+
+def write_prompts(samples: list[TaskSample], out_dir: str | Path, model_dir: str | Path | None = None) -> Path:
+    """out_dir/prompts.jsonl: every sample's tokens, split points, answers and scoring rule, so that a runner in
+    another environment (`benchmarks/peers/kvpress_runner.py`) runs the very same prompts; `model_dir` (the
+    weights' directory, for that runner) goes to out_dir/run.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [dict(prompt_key=prompt_key(s), prompt=prompt_digest(s), task=s.task, length=s.length, depth=s.depth,
+                 seed=s.meta.get("seed"), answers=list(s.answers), rule=s.rule, input_ids=s.input_ids[0].tolist(),
+                 question_start=s.meta.get("question_start", -1), answer_start=s.meta.get("answer_start", -1))
+            for s in samples]
+    path = out_dir / "prompts.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    if model_dir is not None:
+        (out_dir / "run.json").write_text(json.dumps({"model_dir": str(model_dir)}))
+    return path
+
+
+def read_peer_records(path: str | Path, samples: list[TaskSample]) -> list[dict]:
+    """Records written by a peer runner (kvpress, `benchmarks/peers`) for these samples' exact prompts: those whose
+    prompt digest matches, in the eval's schema. Lines cut short by an interrupted write are skipped."""
+    wanted = {prompt_digest(s) for s in samples}
+    return [r for r in _read_records(Path(path)).values() if r["settings"].get("prompt") in wanted]
+
+
+def merge_peers(records: list[dict], methods: list[str], peers: list[dict]) -> tuple[list[dict], list[str]]:
+    """ilc's records and methods with the peers' appended (peer methods in the order they first appear)."""
+    names = list(dict.fromkeys(r["method"] for r in peers))
+    return records + peers, methods + [n for n in names if n not in methods]
 
 
 def run_settings(model, plan: Plan) -> dict:
@@ -169,7 +211,7 @@ def record_settings(shared: dict, method: str, sample: TaskSample, max_new_token
         "method": method,
         "plan": None if method == "full" else shared["plan"],
         "model": shared["model"],
-        "prompt": "sha256:" + hashlib.sha256(sample.input_ids.numpy().tobytes()).hexdigest()[:16],
+        "prompt": prompt_digest(sample),
         "max_new_tokens": max_new_tokens,
         "dtype": shared["dtype"],
     }

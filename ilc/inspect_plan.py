@@ -49,6 +49,12 @@ def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, ba
         lines.append(f"kinds: {', '.join(c.get('kinds', []))} or full, chosen by {c['assignment']}"
                      + (f", max error per head {c['max_error']}" if c.get("max_error") is not None else "")
                      + (f"; total output error {c['total_error']}" if c.get("total_error") is not None else ""))
+    if plan.selection:
+        sel = plan.selection
+        lines.append(f"selection: {sel.scorer} at the end of prefill: full heads keep {plan.sinks} sinks + the last "
+                     f"{sel.window} tokens + the best {sel.keep:.0%} of the others (scored by the last "
+                     f"{sel.observation} prompt queries); followers keep their anchor's tokens, streaming heads are "
+                     "unaffected; tokens after the prompt are all kept")
     lines.append("")
     lines.append("kind per layer and KV head (F full, f follower, s streaming):")
     table = plan.head_table()
@@ -73,13 +79,14 @@ def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, ba
         mark = " <- --context" if n == context else ""
         lines.append(f"{n:>8} {_mib(dense):>10} {_mib(planned):>11} {plan.estimated_saving(n):>6.1%}{mark}")
     ceiling = plan.estimated_saving(10**9)
-    lines.append(f"(saving grows with context towards {ceiling:.1%}: proximal tokens are always kept)")
+    lines.append(f"(saving grows with context towards {ceiling:.1%}: proximal tokens are always kept)"
+                 + (" (with selection: right after a prompt of that length)" if plan.selection else ""))
     lines.append("")
     lines.append(f"bytes by kind at {context} tokens:")
     per_vector = batch * m.head_dim * dtype_bytes
     for kind, name in KIND_NAMES.items():
         specs = [spec for row in table for spec in row if spec.kind == kind]
-        held = sum(stored_vectors(spec, context, plan.sinks) for spec in specs) * per_vector
+        held = sum(stored_vectors(spec, context, plan.sinks, plan.selection) for spec in specs) * per_vector
         dense = 2 * context * len(specs) * per_vector
         if specs:
             lines.append(f"  {name:<10} {len(specs):>4} heads {_mib(held):>11} held of {_mib(dense):>11} dense")

@@ -98,20 +98,23 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
 
     source = resolve(name)
     dtype = dtype or default_dtype(device)
-    folder, gguf = source.path, source.gguf_file
-    if gguf:
-        folder, gguf = converted_copy(source), None
-    config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    folder = weights_dir(source)
+    config = AutoConfig.from_pretrained(folder)
     check_supported(config)
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
     if device_map:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     if not device_map:
         model.to(device)
     model.config._name_or_path = source.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, source
+
+
+def weights_dir(source: ModelSource) -> Path:
+    """A directory in Hugging Face layout holding the source's weights (a GGUF file is converted once)."""
+    return converted_copy(source) if source.gguf_file else source.path
 
 
 def converted_copy(source: ModelSource) -> Path:

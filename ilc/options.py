@@ -53,6 +53,8 @@ RANGES = {
     "window": Range(1),
     "window_mass": Range(0, 1, lo_open=True, hi_open=True),
     "max_error": Range(0, 1),
+    "keep": Range(0, 1, lo_open=True, hi_open=True),  # share of the distant tokens token selection keeps
+    "selection_window": Range(1),
     "retrieval_samples": Range(0),
     "seed": Range(0),
     # ilc inspect

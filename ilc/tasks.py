@@ -34,7 +34,8 @@ class TaskSample:
     rule: str  # "all": score = share of answers found; "part": 1 if any answer is found
     length: int  # requested context tokens
     depth: float  # where the planted facts start (0 = beginning, 1 = end)
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # facts, seed, question; question_start / answer_start: token indices
+    # of "\n\n" + question and of the end of the user turn (-1 if unknown)
 
 
 def score(text: str, answers: tuple[str, ...], rule: str) -> float:
@@ -91,7 +92,30 @@ def _assemble(tokenizer, haystack, length: int, depth: float, facts: list[str], 
     document = "".join(pieces)
     enc = tokenizer.apply_chat_template([{"role": "user", "content": document + "\n\n" + question}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    return enc["input_ids"], cuts
+    return enc["input_ids"], cuts, _split_points(tokenizer, enc["input_ids"][0].tolist(), document, question)
+
+
+def _split_points(tokenizer, ids: list[int], document: str, question: str) -> dict:
+    """Token indices where the question ("\n\n" + question) and the end of the user turn start in `ids`: what a
+    query-agnostic compressor (kvpress) must leave out of the compressed context. -1 where the tokenizer cannot say
+    (no offsets, or a token straddles the boundary)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": document + "\n\n" + question}],
+                                         add_generation_prompt=True, tokenize=False)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError):  # slow tokenizers give no offsets
+        return {"question_start": -1, "answer_start": -1}
+    if enc["input_ids"] != ids:
+        return {"question_start": -1, "answer_start": -1}
+    doc_end = text.index(document) + len(document)
+    question_end = doc_end + 2 + len(question)
+    starts = [a for a, _ in enc["offset_mapping"]]
+    first = lambda char: next((i for i, a in enumerate(starts) if a >= char), -1)  # noqa: E731
+    q, a = first(doc_end), first(question_end)
+    straddles = lambda i, char: i > 0 and enc["offset_mapping"][i - 1][1] > char  # noqa: E731
+    if q < 0 or a < 0 or straddles(q, doc_end) or straddles(a, question_end):
+        return {"question_start": -1, "answer_start": -1}
+    return {"question_start": q, "answer_start": a}
 
 
 def make_sample(task: str, tokenizer, length: int, depth: float, seed: int,
@@ -143,5 +167,6 @@ def make_sample(task: str, tokenizer, length: int, depth: float, seed: int,
         answers, rule = (city,), "part"
     else:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
-    input_ids, cuts = _assemble(tokenizer, haystack, length, depth, facts, question)
-    return TaskSample(task, input_ids, answers, rule, length, depth, {"facts": facts, "cuts": cuts, "seed": seed})
+    input_ids, cuts, split = _assemble(tokenizer, haystack, length, depth, facts, question)
+    return TaskSample(task, input_ids, answers, rule, length, depth,
+                      {"facts": facts, "cuts": cuts, "seed": seed, "question": question, **split})

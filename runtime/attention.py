@@ -9,8 +9,8 @@ KV head by its kind (`ilc.runtime.heads`):
   logits, then the layer's own values;
 - STREAMING: proximal keys only (sinks and the head's own window); distant tokens are not attended.
 
-On CUDA the Triton kernels of `ilc.kernels` run it (through `ilc.runtime.kernel_dispatch`); elsewhere
-`reference_attention` below does, with PyTorch SDPA over query chunks so that an 8k prefill stays within a few GB.
+On CUDA the Triton kernels of `ilc.kernels` run it (through `ilc.runtime.kernel_dispatch`) for plans without token
+selection; elsewhere `reference_attention` below does, with PyTorch SDPA over query chunks so that an 8k prefill stays within a few GB.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def pod_attention(module, query, key, value, attention_mask=None, scaling=None, 
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if state.mode == "scores" and layer.layer_idx in layer.cache.last_reader:
         state.queries[layer.layer_idx] = query
-    if state.kernels or (state.kernels is None and query.is_cuda):
+    if state.selection is not None and not state.selected and layer.anchor_heads:  # the scorers' last queries
+        _observe(state, layer.layer_idx, query, scaling)
+    if state.selection is None and (state.kernels or (state.kernels is None and query.is_cuda)):
         from .kernel_dispatch import pod_attention_triton
 
         out = pod_attention_triton(query, key, value, scaling)
@@ -51,6 +53,14 @@ def pod_attention(module, query, key, value, attention_mask=None, scaling=None, 
         if layer.cache.last_reader.get(anchor) == layer.layer_idx:
             state.queries.pop(anchor, None)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _observe(state, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+    """Keep the layer's last `selection.observation` queries [B, Hq, w, D] of the prompt for selection."""
+    w = state.selection.observation
+    old = state.observed.get(layer_idx, (None, scaling))[0]
+    recent = query[:, :, -w:] if old is None else torch.cat([old, query], dim=2)[:, :, -w:]
+    state.observed[layer_idx] = (recent.detach(), scaling)
 
 
 def pod_mask(*args, **kwargs):
@@ -116,27 +126,29 @@ def streaming_part(query, sink_keys, sink_values, recent_keys, recent_values, *,
                    window: int, scaling: float) -> torch.Tensor:
     """STREAMING heads: attention over each row's sinks and the head's last `window` slots, own K and V.
 
-    sink_* [B, H, S, D] hold each row's first real tokens; recent_* hold slots [recent_start, view.total)."""
+    sink_* [B, H, S, D] hold each row's first real tokens; recent_* hold logical slots [recent_start, total).
+    Streaming heads keep logical slots (`view.logical_start`), also after a plan's selection has run."""
     state = view.state
-    if state.row_start is None:
-        n_sink = min(state.sinks, view.total)
+    start, total = view.logical_start, view.logical_total
+    if state.stream_row_start is None:
+        n_sink = min(state.sinks, total)
         out, _ = proximal_attention(query, sink_keys[:, :, :n_sink], sink_values[:, :, :n_sink], recent_keys,
-                                    recent_values, start=view.start, recent_start=recent_start, sinks=state.sinks,
+                                    recent_values, start=start, recent_start=recent_start, sinks=state.sinks,
                                     window=window, scaling=scaling)
         return out
     b, nq, q, d = query.shape
     s, dev = state.sinks, query.device
-    rs = _row_start(view, b, dev)[:, None, None]  # [B, 1, 1]
+    rs = state.stream_row_start.to(dev)[:, None, None]  # [B, 1, 1]
     js = (rs[:, 0] + torch.arange(s, device=dev)[None, :])[:, None, :]  # [B, 1, S] slots of each row's sinks
     out = torch.empty_like(query)
     for c0 in range(0, q, 256):
         c1 = min(q, c0 + 256)
-        i = torch.arange(view.start + c0, view.start + c1, device=dev)[:, None]
-        w_lo = max(recent_start, view.start + c0 - window + 1)
-        jw = torch.arange(w_lo, view.start + c1, device=dev)[None, None, :]
-        real, m_sink, m_win = _proximal_masks(i, rs, js, jw, view.total, s, window)
-        keys = torch.cat([sink_keys, recent_keys[:, :, w_lo - recent_start:c1 + view.start - recent_start]], 2)
-        vals = torch.cat([sink_values, recent_values[:, :, w_lo - recent_start:c1 + view.start - recent_start]], 2)
+        i = torch.arange(start + c0, start + c1, device=dev)[:, None]
+        w_lo = max(recent_start, start + c0 - window + 1)
+        jw = torch.arange(w_lo, start + c1, device=dev)[None, None, :]
+        real, m_sink, m_win = _proximal_masks(i, rs, js, jw, total, s, window)
+        keys = torch.cat([sink_keys, recent_keys[:, :, w_lo - recent_start:c1 + start - recent_start]], 2)
+        vals = torch.cat([sink_values, recent_values[:, :, w_lo - recent_start:c1 + start - recent_start]], 2)
         mask = torch.cat([m_sink, m_win], dim=-1)[:, None]
         out[:, :, c0:c1] = F.scaled_dot_product_attention(query[:, :, c0:c1], keys, vals, attn_mask=mask,
                                                           scale=scaling, enable_gqa=True)

@@ -11,7 +11,9 @@ Per layer, in slot coordinates (slot = position in the padded batch, the same fo
   size), nothing else.
 
 `update` cannot return a dense key tensor for such a layer, so it returns a `PoDKeys` view that the
-registered attention function (`ilc.runtime.attention`) understands. Storage grows in chunks of about 1/128
+registered attention function (`ilc.runtime.attention`) understands. With a plan's token selection
+(`ilc.runtime.selection`), the first decode step compacts the value heads' storage; from then on their slots are
+*stored* slots (logical slot - ``state.shift``) while streaming heads keep logical slots. Storage grows in chunks of about 1/128
 of its size (amortized O(1) appends, under 1% slack), never by a full copy per decode step.
 """
 
@@ -22,26 +24,46 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .heads import HeadKind, HeadSpec, stored_vectors
+from .heads import HeadKind, HeadSpec, Selection, stored_vectors
 from .plan import Plan
 
 
 @dataclass
 class CacheState:
-    """What every layer of one cache shares: padding offsets and the scores-mode query scratch."""
+    """What every layer of one cache shares: padding offsets, the scores-mode query scratch, selection state."""
 
     sinks: int
     window: int
     mode: str
     skip_threshold: float | None
-    row_start: torch.Tensor | None = None  # [B] first real slot of each row (left padding); None = no padding
+    row_start: torch.Tensor | None = None  # [B] first real (stored) slot of each row (left padding); None = none
     row_start_min: int = 0  # smallest row start, kept on the host (kernel loop bounds without a device sync)
     row_start_max: int = 0  # largest row start, on the host (when every row's sinks are stored)
+    stream_row_start: torch.Tensor | None = None  # [B] first real logical slot (streaming heads); None = none
+    stream_row_start_max: int = 0
+    selection: Selection | None = None
+    selected: bool = False  # selection has run (it runs once)
+    shift: int = 0  # logical slot - stored slot of value heads and followers' own keys (after selection)
+    observed: dict = field(default_factory=dict)  # layer -> (last prompt queries [B, Hq, w, D], scaling)
     queries: dict = field(default_factory=dict)  # anchor layer -> its query of the current forward ("scores" mode)
     kernel_scratch: dict = field(default_factory=dict)  # buffers the Triton kernels reuse across layers and steps
     skipped_rows: int = 0  # follower query rows whose distant attention was skipped (skip_threshold)
     follower_rows: int = 0
     kernels: bool | None = None  # Triton kernels: None = on CUDA tensors, True = always, False = never
+
+    def set_stored_row_start(self, row_start: torch.Tensor | None) -> None:
+        """Row starts in stored slots (value heads, followers); `set_row_start` sets both kinds before selection."""
+        if row_start is not None and not bool((row_start > 0).any()):
+            row_start = None
+        self.row_start = row_start
+        self.row_start_min = 0 if row_start is None else int(row_start.min())
+        self.row_start_max = 0 if row_start is None else int(row_start.max())
+
+    def set_stream_row_start(self, row_start: torch.Tensor | None) -> None:
+        if row_start is not None and not bool((row_start > 0).any()):
+            row_start = None
+        self.stream_row_start = row_start
+        self.stream_row_start_max = 0 if row_start is None else int(row_start.max())
 
 
 @dataclass
@@ -49,8 +71,8 @@ class PoDKeys:
     """What `update` hands to the attention function instead of a dense key tensor (not a tensor itself)."""
 
     layer: "PoDLayer"
-    start: int  # slot of the first new token
-    total: int  # slots after this update
+    start: int  # stored slot of the first new token (= its logical slot unless selection has run)
+    total: int  # stored slots after this update
     recent_start: int  # first slot any new query sees through its window
     chunk_recent: torch.Tensor | None = None  # recent keys of a multi-token update (the ring has dropped some)
     stream_recent: dict = field(default_factory=dict)  # StreamGroup index -> (recent_start, keys, values)
@@ -58,6 +80,15 @@ class PoDKeys:
     @property
     def state(self) -> CacheState:
         return self.layer.state
+
+    @property
+    def logical_start(self) -> int:
+        """Logical slot of the first new token: the coordinates of streaming heads."""
+        return self.start + self.state.shift
+
+    @property
+    def logical_total(self) -> int:
+        return self.total + self.state.shift
 
     @property
     def recent_keys(self) -> torch.Tensor | None:
@@ -68,12 +99,14 @@ class PoDKeys:
         return self.chunk_recent
 
     def streaming_recent(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(recent_start, keys, values [B, n, slots, D]) of stream group `index` for the slots its queries see."""
+        """(recent_start, keys, values [B, n, slots, D]) of stream group `index` for the logical slots its queries
+        see."""
         if index not in self.stream_recent:
             group = self.layer.stream_groups[index]
-            lo = max(0, self.total - group.window)
-            self.stream_recent[index] = (lo, _ring_read(group.ring_k, group.window, lo, self.total),
-                                         _ring_read(group.ring_v, group.window, lo, self.total))
+            total = self.logical_total
+            lo = max(0, total - group.window)
+            self.stream_recent[index] = (lo, _ring_read(group.ring_k, group.window, lo, total),
+                                         _ring_read(group.ring_v, group.window, lo, total))
         return self.stream_recent[index]
 
 
@@ -184,7 +217,12 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start, n = self.seen, key_states.shape[2]
+        n = key_states.shape[2]
+        state = self.state
+        if n == 1 and state.selection is not None and not state.selected and self.seen:
+            self.cache.select()  # the first decode step: the prompt is complete
+        logical = self.seen  # streaming heads' slots
+        start = logical - state.shift  # slots of value heads and followers' own keys
         total = start + n
         self._reserve(total)
         if self.value_heads:
@@ -192,45 +230,48 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if self.anchor_heads:
             self.anchor_keys[:, :, start:total] = key_states[:, self._anchor_select]
         recent, recent_start = None, total
-        window = self.state.window
+        window = state.window
         if self.follower_heads:
             own = key_states[:, self._follower_select]
             recent_start = max(0, start - window + 1)
             if n > 1:  # read what the chunk's queries need before the ring write drops it
                 recent = _with_ring(self.ring_keys, window, recent_start, start, own)
-            self._store_sinks(self.sink_keys, own, start)
+            _store_sinks(self.sink_keys, own, start, state.row_start, state.row_start_max, state.sinks)
             _ring_write(self.ring_keys, window, own, start)
         view = PoDKeys(self, start, total, recent_start, recent)
         for index, group in enumerate(self.stream_groups):
             k, v = key_states[:, group.select], value_states[:, group.select]
-            self._store_sinks(group.sink_k, k, start)
-            self._store_sinks(group.sink_v, v, start)
+            for dest, new in ((group.sink_k, k), (group.sink_v, v)):
+                _store_sinks(dest, new, logical, state.stream_row_start, state.stream_row_start_max, state.sinks)
             if n > 1:  # as for followers: the chunk's recent vectors, read before the ring write drops any
-                lo = max(0, start - group.window + 1)
-                view.stream_recent[index] = (lo, _with_ring(group.ring_k, group.window, lo, start, k),
-                                             _with_ring(group.ring_v, group.window, lo, start, v))
-            _ring_write(group.ring_k, group.window, k, start)
-            _ring_write(group.ring_v, group.window, v, start)
-        self.seen = total
+                lo = max(0, logical - group.window + 1)
+                view.stream_recent[index] = (lo, _with_ring(group.ring_k, group.window, lo, logical, k),
+                                             _with_ring(group.ring_v, group.window, lo, logical, v))
+            _ring_write(group.ring_k, group.window, k, logical)
+            _ring_write(group.ring_v, group.window, v, logical)
+        self.seen = logical + n
         return view, self.values[:, :, :total]
 
-    def _store_sinks(self, dest: torch.Tensor, own: torch.Tensor, start: int) -> None:
-        """Copy into `dest` [B, H, S, D] the vectors of each row's first `sinks` real tokens in this update."""
-        s = self.state.sinks
-        if s == 0:
-            return
-        row_start = self.state.row_start
-        if start >= self.state.row_start_max + s:  # every row's sinks are stored (no device read needed)
-            return
-        if row_start is None:
-            if start < s:
-                m = min(s, start + own.shape[2]) - start
-                dest[:, :, start:start + m] = own[:, :, :m]
-            return
-        for b, rs in enumerate(row_start.tolist()):
-            lo, hi = max(rs, start), min(rs + s, start + own.shape[2])
-            if hi > lo:
-                dest[b, :, lo - rs:hi - rs] = own[b, :, lo - start:hi - start]
+    def compact(self, total: int, kept: int, index: dict[int, torch.Tensor]) -> None:
+        """Keep, of the first `total` slots, the `kept` slots index[kv_head] [B, kept] of every value head (their
+        keys too for FULL heads), in that order; followers' own recent keys move to the same stored slots.
+        Streaming heads are untouched. Called once, by `ilc.runtime.selection.select_tokens`."""
+        cap = _grown(kept + 1)
+        gather = lambda t, idx: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        if self.value_heads:
+            idx = torch.stack([index[h] for h in self.value_heads], 1)
+            self.values = _resize(gather(self.values[:, :, :total], idx), cap, kept)
+        if self.anchor_heads:
+            idx = torch.stack([index[h] for h in self.anchor_heads], 1)
+            self.anchor_keys = _resize(gather(self.anchor_keys[:, :, :total], idx), cap, kept)
+        if self.follower_heads:
+            w = self.state.window
+            n = min(w, total)
+            recent = _ring_read(self.ring_keys, w, total - n, total)
+            self.ring_keys = self.ring_keys.new_zeros(*recent.shape[:2], min(w, cap), recent.shape[-1])
+            _ring_write(self.ring_keys, w, recent, kept - n)
+        self.capacity = cap
+        self.kernel_meta = {}
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:
@@ -281,7 +322,9 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         """Bytes of the head-token vectors this layer must keep for `seen` slots (no slack)."""
         if not self.is_initialized:
             return 0
-        vectors = sum(stored_vectors(spec, self.seen, self.state.sinks) for spec in self.specs)
+        stored = self.seen - self.state.shift  # slots of value heads (fewer than seen after selection)
+        vectors = sum(stored_vectors(spec, self.seen if spec.kind == HeadKind.STREAMING else stored, self.state.sinks)
+                      for spec in self.specs)
         return vectors * self._vector_bytes()
 
     def dense_bytes(self) -> int:
@@ -289,6 +332,23 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if not self.is_initialized:
             return 0
         return 2 * len(self.specs) * self.seen * self._vector_bytes()
+
+
+def _store_sinks(dest: torch.Tensor, own: torch.Tensor, start: int, row_start: torch.Tensor | None,
+                 row_start_max: int, sinks: int) -> None:
+    """Copy into `dest` [B, H, S, D] the vectors of each row's first `sinks` real tokens in an update of `own`
+    [B, H, n, D] at slots start.. (row_start: each row's first real slot in the same coordinates)."""
+    if sinks == 0 or start >= row_start_max + sinks:  # every row's sinks are stored (no device read needed)
+        return
+    if row_start is None:
+        if start < sinks:
+            m = min(sinks, start + own.shape[2]) - start
+            dest[:, :, start:start + m] = own[:, :, :m]
+        return
+    for b, rs in enumerate(row_start.tolist()):
+        lo, hi = max(rs, start), min(rs + sinks, start + own.shape[2])
+        if hi > lo:
+            dest[b, :, lo - rs:hi - rs] = own[b, :, lo - start:hi - start]
 
 
 def _head_selector(heads: list[int], device) -> slice | torch.Tensor:
@@ -345,6 +405,11 @@ class PoDCache(Cache):
 
     def __init__(self, plan: Plan, mode: str | None = None, skip_threshold: float | None = None,
                  kernels: bool | None = None):
+        if kernels and plan.selection is not None:
+            from .plan import PlanError
+
+            raise PlanError("kernels=True: the Triton kernels do not run token selection (the plan's selection:) "
+                            "yet; pass kernels=None or False")
         self.plan = plan
         self.state = CacheState(
             sinks=plan.sinks,
@@ -352,6 +417,7 @@ class PoDCache(Cache):
             mode=mode or plan.mode,
             skip_threshold=plan.skip_threshold if skip_threshold is None else skip_threshold,
             kernels=kernels,
+            selection=plan.selection,
         )
         table = plan.head_table()
         layers = [PoDLayer(i, table[i], self.state, self) for i in range(plan.num_layers)]
@@ -365,26 +431,34 @@ class PoDCache(Cache):
 
     def set_row_start(self, row_start: torch.Tensor | None) -> None:
         """Record each row's first real slot (left padding); sinks are each row's first real tokens."""
-        if row_start is not None and not bool((row_start > 0).any()):
-            row_start = None
-        self.state.row_start = row_start
-        self.state.row_start_min = 0 if row_start is None else int(row_start.min())
-        self.state.row_start_max = 0 if row_start is None else int(row_start.max())
+        self.state.set_stored_row_start(row_start)
+        self.state.set_stream_row_start(row_start)
+
+    def select(self) -> None:
+        """Run the plan's token selection now on what the cache holds (`ilc.runtime.selection`); the first decode
+        step does it on its own. Runs once; a plan without selection does nothing."""
+        from .selection import select_tokens
+
+        select_tokens(self)
+
+    def _map_rows(self, fn) -> None:
+        state = self.state
+        if state.row_start is not None:
+            state.set_stored_row_start(fn(state.row_start))
+        if state.stream_row_start is not None:
+            state.set_stream_row_start(fn(state.stream_row_start))
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        if self.state.row_start is not None:
-            self.set_row_start(self.state.row_start.index_select(0, beam_idx.to(self.state.row_start.device)))
+        self._map_rows(lambda rs: rs.index_select(0, beam_idx.to(rs.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        if self.state.row_start is not None:
-            self.set_row_start(self.state.row_start.repeat_interleave(repeats, dim=0))
+        self._map_rows(lambda rs: rs.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        if self.state.row_start is not None:
-            self.set_row_start(self.state.row_start[indices])
+        self._map_rows(lambda rs: rs[indices])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -5,6 +5,8 @@ Kinds:
 - FOLLOWER: V of every token; own K only for the sinks and its recent window; distant K come from the anchor layer.
 - STREAMING: K and V only for the sinks and its recent window; distant tokens are dropped for this head.
 
+`Selection` is a plan's token selection (SnapKV-style, once at the end of prefill): FULL heads keep, of their
+distant tokens, only the best-scored share; followers keep values for their anchor's choice.
 `stored_vectors` is the savings formula: how many head-token vectors (K or V) a head keeps for one sequence.
 `LaunchColumn` names the columns of the int32 head table that the Triton launches read, one row per head.
 Torch-free, so that the plan module stays importable without torch.
@@ -12,6 +14,7 @@ Torch-free, so that the plan module stays importable without torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -34,13 +37,63 @@ class HeadSpec:
     window: int  # recent window of own keys (FOLLOWER) or of keys and values (STREAMING); 0 for FULL
 
 
-def stored_vectors(spec: HeadSpec, context: int, sinks: int) -> int:
-    """K plus V head-token vectors that `spec` keeps for one sequence of `context` tokens (dense keeps 2 x context)."""
+@dataclass(frozen=True)
+class Scorer:
+    """A token-scoring rule of `Selection` (computed by `ilc.runtime.selection.token_scores`): the attention of
+    the last prompt queries to each token, averaged over those queries and the KV head's query heads."""
+
+    name: str
+    description: str
+    last_queries: int | None  # how many of the last prompt queries vote; None: the selection's window
+    smooth: bool  # average-pool the scores over neighbouring tokens (Selection.pool)
+
+
+SCORERS = {s.name: s for s in (
+    Scorer("snapkv", "mean attention of the last `window` prompt queries, average-pooled (SnapKV, as in kvpress)",
+           None, True),
+    Scorer("tova", "attention of the last prompt query (TOVA's rule, per KV head)", 1, False),
+)}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Token selection at the end of prefill, per KV head (the plan's ``selection:`` section).
+
+    Of a prompt of n tokens, every FULL head keeps the sinks, the last `window` tokens and the `keep` share of
+    the other (distant) tokens with the highest `scorer` score; a FOLLOWER keeps values for its anchor's choice
+    (the block keeps one set of tokens). STREAMING heads are unaffected. Tokens that arrive later are all kept.
+    """
+
+    keep: float  # share of the distant tokens kept, in (0, 1)
+    scorer: str = "snapkv"  # one of SCORERS
+    window: int = 64  # recent tokens always kept (also SnapKV's observation window: the queries that score)
+    pool: int = 5  # SnapKV's pooling kernel over the scores (odd; 1 = none)
+
+    @property
+    def observation(self) -> int:
+        """How many of the last prompt queries score the tokens (the cache keeps them until selection runs)."""
+        last = SCORERS[self.scorer].last_queries
+        return self.window if last is None else min(last, self.window)
+
+    def budget(self, distant: int) -> int:
+        """Distant tokens kept out of `distant` candidates."""
+        return min(distant, math.ceil(self.keep * distant))
+
+    def kept(self, context: int, sinks: int) -> int:
+        """Tokens a selected head keeps of a `context`-token prompt."""
+        proximal = min(context, sinks + self.window)
+        return proximal + self.budget(context - proximal)
+
+
+def stored_vectors(spec: HeadSpec, context: int, sinks: int, selection: Selection | None = None) -> int:
+    """K plus V head-token vectors that `spec` keeps for one sequence of `context` tokens (dense keeps 2 x context);
+    with `selection`, right after it ran on a `context`-token prompt."""
+    kept = selection.kept(context, sinks) if selection is not None else context
     if spec.kind == HeadKind.FULL:
-        return 2 * context
+        return 2 * kept
     proximal = min(context, sinks + spec.window)
     if spec.kind == HeadKind.FOLLOWER:
-        return context + proximal
+        return kept + proximal
     return 2 * proximal
 
 

@@ -7,6 +7,7 @@ A plan says, per KV head, how its layers are split into blocks of consecutive la
 - a *streaming* block: each of its layers keeps K and V only for the sinks and its own recent ``window``
   (DuoAttention's streaming heads); distant tokens are dropped for that head.
 `head_table()` turns the blocks into one `HeadSpec` per (layer, KV head) (kind full / follower / streaming).
+An optional ``selection:`` section (`Selection`) adds SnapKV-style token selection at the end of prefill.
 
 The file is versioned YAML (``format: ilc-plan/2``; ``ilc-plan/1`` files, which have shared blocks only, load
 unchanged) and is validated on load: every rejection names the file and the field, and unknown keys are rejected
@@ -26,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from .heads import KIND_NAMES, HeadKind, HeadSpec, stored_vectors
+from .heads import KIND_NAMES, SCORERS, HeadKind, HeadSpec, Selection, stored_vectors
 
 FORMAT = "ilc-plan/2"
 READABLE_FORMATS = ("ilc-plan/1", FORMAT)
@@ -88,6 +89,7 @@ class Plan:
     distance_curve: dict = field(default_factory=dict)  # attention mass by distance, for `ilc inspect`
     similarity: dict = field(default_factory=dict)  # banded similarity matrix per KV head, for `ilc inspect`
     extensions: dict = field(default_factory=dict)  # other tools' data, kept as written (`extensions:`)
+    selection: Selection | None = None  # token selection at the end of prefill (`selection:`)
 
     def __post_init__(self):
         _validate(self, source="plan")
@@ -144,7 +146,8 @@ class Plan:
         (followers: V everywhere, K for the sinks and window; streaming: K and V for the sinks and window).
         """
         dense = 2 * self.num_layers * self.num_kv_heads * context
-        planned = sum(stored_vectors(spec, context, self.sinks) for row in self.head_table() for spec in row)
+        planned = sum(stored_vectors(spec, context, self.sinks, self.selection) for row in self.head_table()
+                      for spec in row)
         return dense, planned
 
     def estimated_saving(self, context: int) -> float:
@@ -202,6 +205,7 @@ class Plan:
             "model": asdict(self.model),
             "windows": {"sinks": self.sinks, "window": self.window},
             "sharing": {"mode": self.mode, "skip_threshold": self.skip_threshold, "blocks": block_section},
+            **({"selection": asdict(self.selection)} if self.selection else {}),
             "criterion": dict(self.criterion),
             "calibration": dict(self.calibration),
             "estimated_savings": {c: round(self.estimated_saving(c), 4) for c in DEFAULT_REPORT_CONTEXTS},
@@ -240,7 +244,7 @@ def load_plan(path: str | Path) -> Plan:
     return plan_from_dict(raw, source=str(path))
 
 
-TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "criterion", "calibration", "estimated_savings",
+TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "criterion", "calibration", "estimated_savings",
                   "distance_curve", "similarity", "extensions")
 
 
@@ -285,8 +289,18 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
                       for i, h in enumerate(per))
     else:
         raise PlanError(f"{source}: sharing.blocks: missing all_heads or per_head")
+    selection = None
+    if "selection" in r.raw:
+        if fmt == "ilc-plan/1":
+            raise PlanError(f"{source}: selection: not part of format ilc-plan/1 (write format: {FORMAT})")
+        sel = r.section("selection")
+        sel.only([f.name for f in fields(Selection)])
+        selection = Selection(keep=sel.get("keep", float), scorer=sel.get("scorer", str, optional=True) or "snapkv",
+                              window=sel.get("window", int, optional=True) or 64,
+                              pool=sel.get("pool", int, optional=True) or 5)
     plan_kwargs = dict(
         model=model,
+        selection=selection,
         sinks=w.get("sinks", int, minimum=0),
         window=w.get("window", int, minimum=1),
         blocks=heads,
@@ -350,6 +364,8 @@ def _validate(plan: Plan, source: str) -> None:
     check_runtime_options(plan.mode, plan.skip_threshold, f"{source}: sharing.")
     if plan.sinks < 0 or plan.window < 1:
         raise PlanError(f"{source}: windows: sinks must be >= 0 and window >= 1 (got {plan.sinks}, {plan.window})")
+    if plan.selection is not None:
+        _validate_selection(plan, f"{source}: selection.")
     if len(plan.blocks) != m.num_kv_heads:
         raise PlanError(f"{source}: sharing.blocks: {len(plan.blocks)} KV heads given, model has {m.num_kv_heads}")
     for h, blocks in enumerate(plan.blocks):
@@ -377,6 +393,19 @@ def _validate(plan: Plan, source: str) -> None:
             expected = block.layers[-1] + 1
         if expected != m.num_layers:
             raise PlanError(f"{where}: blocks cover layers 0..{expected - 1}, model has {m.num_layers} layers")
+
+
+def _validate_selection(plan: Plan, where: str) -> None:
+    sel = plan.selection
+    if not 0.0 < sel.keep < 1.0:
+        raise PlanError(f"{where}keep: the share of distant tokens kept must be in (0, 1), got {sel.keep!r}")
+    if sel.scorer not in SCORERS:
+        raise PlanError(f"{where}scorer: expected one of {tuple(SCORERS)}, got {sel.scorer!r}")
+    if sel.window < 1 or sel.pool < 1 or sel.pool % 2 == 0:
+        raise PlanError(f"{where}window must be >= 1 and pool an odd number >= 1 (got {sel.window}, {sel.pool})")
+    if plan.kind_counts()["follower"] and sel.window < plan.window:
+        raise PlanError(f"{where}window {sel.window} is below windows.window {plan.window}: followers need the values "
+                        "of their whole proximal window, so selection must keep at least that many recent tokens")
 
 
 def _parse_blocks(items: Any, where: str, streaming_ok: bool = True) -> tuple[Block, ...]:

@@ -55,6 +55,10 @@ CALIBRATE_BAD = [
     (["--window-mass", "2"], "--window-mass must be in (0, 1)"),
     (["--max-error", "-0.1"], "--max-error must be in [0, 1]"),
     (["--max-error", "1.5"], "--max-error must be in [0, 1]"),
+    (["--keep", "0"], "--keep must be in (0, 1)"),
+    (["--keep", "1"], "--keep must be in (0, 1)"),
+    (["--selection-window", "0"], "--selection-window must be >= 1"),
+    (["--keep", "0.1", "--target-saving", "0.3", "--kinds", "follower"], "--keep with --target-saving"),
     (["--max-error", "0.1", "--kinds", "follower"], "--max-error is for mixed plans"),
     (["--max-error", "0.1", "--min-similarity", "0.9"], "--max-error or --min-similarity"),
     (["--retrieval-samples", "-1"], "--retrieval-samples must be >= 0"),
@@ -112,6 +116,7 @@ def test_calibrate_accepts_the_edges_of_every_range(argv):
     (["--max-new-tokens", "5000"], "--max-new-tokens must be in [1, 4096]"),
     (["--methods", "full,h2o"], "--methods: unknown h2o"),
     (["--haystack", "/nonexistent"], "--haystack /nonexistent: no such directory"),
+    (["--peers", "/nonexistent.jsonl"], "--peers /nonexistent.jsonl: no such file"),
     (["--device", "tpu"], "--device 'tpu' is not a torch device"),
 ])
 def test_eval_rejects_bad_options_before_any_work(argv, message, tmp_path, capsys, monkeypatch):

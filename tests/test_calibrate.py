@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ilc.calibrate import CalibrationSettings, calibrate, regroup
+from ilc.options import OptionError
 from ilc.data import CalibrationDataError, default_corpus, load_calibration_set
 from ilc.runtime import load_plan
 
@@ -168,3 +169,21 @@ def test_default_corpus_is_real_prose_and_installed():
     docs = default_corpus()
     text = " ".join(d.text for d in docs)
     assert len(text) > 40_000 and "Elizabeth" in text and "Darcy" in text
+
+
+def test_keep_adds_selection_priced_into_the_target(tmp_path):
+    """--keep: full heads are priced as selection leaves them, so a 90% target is met with fewer streaming heads
+    than selection-free pricing would need; the plan records the selection and its bytes are the formula's."""
+    result, model = run(target_saving=0.6)
+    settings = dict(seq_len=256, max_group_size=4, selection_window=16)
+    with_sel = regroup(result, CalibrationSettings(target_saving=0.75, keep=0.1, **settings), 256)
+    assert with_sel.selection is not None and (with_sel.selection.keep, with_sel.selection.window) == (0.1, 16)
+    assert with_sel.kind_counts()["follower"] == 0  # a 16-token selection window is below the followers' window
+    assert with_sel.estimated_saving(256) >= 0.75 - 1e-9
+    half = regroup(result, CalibrationSettings(target_saving=0.6, keep=0.5, **settings), 256)
+    assert half.kind_counts()["streaming"] < result.plan.kind_counts()["streaming"]  # selection did part of it
+    assert load_plan(with_sel.save(tmp_path / "sel.yaml")) == with_sel
+    with pytest.raises(OptionError, match="--keep"):
+        CalibrationSettings(target_saving=0.3, keep=0.1, kinds=("follower",)).validate()
+    with pytest.raises(OptionError, match="keep"):
+        CalibrationSettings(keep=1.5).validate()

@@ -89,3 +89,50 @@ def test_resumed_records_must_match_their_settings(tokenizer, tmp_path):
     assert longer[0]["settings"]["max_new_tokens"] == 4 and len(path.read_text().splitlines()) == 5
     assert len(run(model, tokenizer, plan, ["full", "plan"], samples, tmp_path, max_new_tokens=3,
                    progress=False)) == 2 and len(path.read_text().splitlines()) == 5  # all reused
+
+
+def test_selection_method_holds_the_plans_bytes(tokenizer, tmp_path):
+    """`selection-equal`: every head full with selection, sized to the plan's bytes; a selection plan's records
+    hold fewer bytes than the same plan without selection."""
+    from ilc.runtime.heads import Selection
+
+    model = tiny_llama(layers=4, heads=4, kv_heads=2, vocab=len(tokenizer), max_pos=1024)
+    plan = make_plan(model, [[0, 1], [2, 3]], sinks=4, window=32)
+    selected = plan.with_options(selection=Selection(keep=0.2, window=32))
+    samples = build_samples(["niah"], tokenizer, EvalConfig(lengths=(384,), depths=(0.5,)), None)
+    plain = run(model, tokenizer, plan, ["plan"], samples, tmp_path / "a", max_new_tokens=3, progress=False)
+    recs = run(model, tokenizer, selected, ["plan", "selection-equal"], samples, tmp_path / "b", max_new_tokens=3,
+               progress=False)
+    by = {r["method"]: r for r in recs}
+    assert by["plan"]["kv_bytes"] < 0.7 * plain[0]["kv_bytes"]
+    assert abs(by["selection-equal"]["kv_bytes"] - by["plan"]["kv_bytes"]) / by["plan"]["kv_bytes"] < 0.1
+
+
+def test_prompts_file_and_peer_records_join_the_summary(tokenizer, tmp_path):
+    """prompts.jsonl carries the exact tokens and the question's split points for the kvpress runner; records it
+    writes in the eval's schema join the summary (other prompts' records are ignored)."""
+    from ilc.evaluate import merge_peers, prompt_digest, read_peer_records, write_prompts
+
+    samples = build_samples(["niah", "qa"], tokenizer, EvalConfig(lengths=(384,), depths=(0.5,), ruler_depths=(0.5,)),
+                            None)
+    write_prompts(samples, tmp_path, "/models/x")
+    rows = [json.loads(x) for x in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "run.json").read_text())["model_dir"] == "/models/x"
+    for row, sample in zip(rows, samples):
+        ids = row["input_ids"]
+        assert ids == sample.input_ids[0].tolist() and row["prompt"] == prompt_digest(sample)
+        q, a = row["question_start"], row["answer_start"]
+        assert 0 < q < a < len(ids)
+        assert tokenizer.decode(ids[q:a]).strip() == sample.meta["question"]
+        assert tokenizer.decode(ids[a:]).startswith("<|im_end|>")
+    peer = lambda s, score: dict(key=f"kvpress-snapkv-50|x", method="kvpress-snapkv-50", task=s.task,  # noqa: E731
+                                 length=s.length, depth=s.depth, seed=0, answers=list(s.answers), score=score,
+                                 settings={"prompt": prompt_digest(s)}, kv_bytes=50, dense_bytes=100, tokens=384,
+                                 prefill_s=1.0, decode_ms=5.0)
+    lines = [peer(samples[0], 1.0), peer(samples[1], 0.0), {**peer(samples[0], 1.0), "settings": {"prompt": "other"}}]
+    (tmp_path / "peers.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"cut sho')
+    peers = read_peer_records(tmp_path / "peers.jsonl", samples)
+    assert len(peers) == 2
+    records, methods = merge_peers([], ["full"], peers)
+    summary = summarize(records, methods)
+    assert summary["kvpress-snapkv-50"]["niah"] == 100.0 and summary["kvpress-snapkv-50"]["kv_saved"] == 0.5

@@ -10,9 +10,10 @@ from ilc.runtime.heads import HeadKind
 from conftest import make_plan, mixed_plan, tiny_llama
 
 
-def brute_force(qs, ks, vs, table, sinks, mode, row_start):
+def brute_force(qs, ks, vs, table, sinks, mode, row_start, kept=None):
     """Per layer output [B, Hq, T, D] of the rule, position by position, with explicit logits.
-    table[layer][kv_head]: the plan's HeadSpec (kind, anchor, window)."""
+    table[layer][kv_head]: the plan's HeadSpec (kind, anchor, window); kept[layer][row][kv_head]: None or a bool
+    [T] of the keys the head may see (token selection)."""
     L = len(qs)
     b, hq, t, d = qs[0].shape
     hkv = ks[0].shape[1]
@@ -40,6 +41,8 @@ def brute_force(qs, ks, vs, table, sinks, mode, row_start):
                     dist = torch.full_like(dist, float("-inf"))
                 logits = torch.where(prox, own, dist) * d ** -0.5
                 valid = (j <= i) & (j >= rs)
+                if kept is not None and kept[l][row][kv] is not None:
+                    valid = valid & kept[l][row][kv][None, :]
                 logits = logits.masked_fill(~valid, float("-inf"))
                 p = torch.softmax(logits[rs:], -1)
                 out[row, h, rs:] = p @ vs[l][row, kv].double()
