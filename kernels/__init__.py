@@ -52,20 +52,22 @@ def decode_splits(device: torch.device, batch: int, kv_heads: int, span: int) ->
 
 def decode_attention(query, table, *, group, values, anchor_keys, sink_keys, ring_keys, dist_keys, sink_values,
                      ring_values, logits, row_start, mid_o, mid_lse, total, rs_min, sinks, window, scaling,
-                     nsplit, split_len):
+                     nsplit, split_len, total_at=None):
     """One split-K launch over the heads in `table` for one decode step; partials go to mid_o / mid_lse.
 
     query [B, Hq, 1, D] (group = query heads per KV head); values / anchor_keys / dist_keys [B, H, >= total, D] (slot-indexed); sink_keys /
     sink_values [B, H, S, D]; ring_keys / ring_values [B, H, <= window, D] (slot s at s % window); logits
     [B, Hq, >= total] fp32 (anchors write, scores-mode followers read); row_start int32 [B]; mid_o
-    [B, Hq, cap, D] and mid_lse [B, Hq, cap] fp32. Tensors a launch does not read may be any tensor."""
+    [B, Hq, cap, D] and mid_lse [B, Hq, cap] fp32. Tensors a launch does not read may be any tensor.
+    total_at: a 0-d int64 device tensor holding the slot count (a static cache; `total` then only bounds the
+    splits: the preallocated length)."""
     from .decode import _decode_split
 
     b, hq, _, d = query.shape
     cap = mid_o.shape[2]
     _decode_split[(b, table.shape[0], nsplit)](
         query, anchor_keys, sink_keys, ring_keys, dist_keys, values, sink_values, ring_values, logits, row_start,
-        mid_o, mid_lse, table, total, rs_min, scaling, split_len, hq,
+        mid_o, mid_lse, table, query if total_at is None else total_at, total, rs_min, scaling, split_len, hq,
         query.stride(0), query.stride(1), anchor_keys.stride(0), anchor_keys.stride(1), anchor_keys.stride(2),
         sink_keys.stride(0), sink_keys.stride(1), sink_keys.stride(2), ring_keys.stride(0), ring_keys.stride(1),
         ring_keys.stride(2), dist_keys.stride(0), dist_keys.stride(1), dist_keys.stride(2),
@@ -74,7 +76,7 @@ def decode_attention(query, table, *, group, values, anchor_keys, sink_keys, rin
         logits.stride(0), logits.stride(1),
         SINKS=sinks, BLOCK_S=max(16, _next_pow2(sinks)), WINDOW=window, GROUP=group,
         BLOCK_G=max(16, _next_pow2(group)), D=d, BLOCK_N=decode_block(query.device), NSPLIT_CAP=cap,
-        UPCAST=_upcast(query),
+        UPCAST=_upcast(query), DEVICE_TOTAL=total_at is not None,
     )
 
 

@@ -13,6 +13,9 @@ also takes the row's sinks. What a head reads depends on its kind, a row of the 
 - FOLLOWER_KEYS (keys mode): the same proximal part; distant slots use its own query and the anchor's keys;
 - STREAMING: its sinks and its ring of the last WINDOW slots, keys and values; nothing else.
 Every program writes its partial output and log-sum-exp (-inf when empty); the merge writes every output element.
+With DEVICE_TOTAL (a static cache) the number of slots is read from a device scalar instead of an argument, and
+the splits cover the whole preallocated length: splits past the end find nothing, so one CUDA graph serves every
+step.
 """
 
 from __future__ import annotations
@@ -74,13 +77,16 @@ def _sink_tile(SINK_K, V, b, own, vh, rs, total, d, s_skb, s_skh, s_skn, s_vb, s
 
 @triton.jit
 def _decode_split(
-    Q, ANCHOR_K, SINK_K, RING_K, DIST_K, V, SINK_V, RING_V, LOGITS, ROW_START, MID_O, MID_LSE, TABLE,
+    Q, ANCHOR_K, SINK_K, RING_K, DIST_K, V, SINK_V, RING_V, LOGITS, ROW_START, MID_O, MID_LSE, TABLE, TOTAL_AT,
     total, rs_min, scaling, split_len, n_qheads,
     s_qb, s_qh, s_akb, s_akh, s_akn, s_skb, s_skh, s_skn, s_rkb, s_rkh, s_rkn, s_dkb, s_dkh, s_dkn,
     s_vb, s_vh, s_vn, s_svb, s_svh, s_svn, s_rvb, s_rvh, s_rvn, s_lb, s_lh,
     SINKS: tl.constexpr, BLOCK_S: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_CAP: tl.constexpr, UPCAST: tl.constexpr,
+    DEVICE_TOTAL: tl.constexpr,
 ):
+    if DEVICE_TOTAL:  # a static cache: the slot count lives on the device, so a captured graph serves every step
+        total = tl.load(TOTAL_AT).to(tl.int32)
     b = tl.program_id(0)
     p = tl.program_id(1)  # row of TABLE (columns: LaunchColumn)
     split = tl.program_id(2)

@@ -23,6 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from .architectures import check_supported, model_signature, text_config
 from .attention import ATTENTION_NAME, pod_attention, pod_mask
 from .cache import PoDCache
+from .static_cache import StaticPoDCache
 from .plan import Plan, PlanError, check_runtime_options
 
 
@@ -119,8 +120,14 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if tokens is None and args:
             tokens = args[0]
-        seen = cache.get_seq_length()
         new = tokens.shape[1] if tokens is not None else 0
+        if isinstance(cache, StaticPoDCache):
+            # No host read of the device token count on a decode step: the cache was sized within the model's
+            # context at construction, so only its first forward records padding.
+            if not cache.layers[0].is_initialized:
+                _record_padding(cache, kwargs.get("attention_mask"), 0)
+            return args, kwargs
+        seen = cache.get_seq_length()
         if max_context and seen + new > max_context:
             raise PlanError(f"context of {seen + new} tokens exceeds the model's limit of {max_context} "
                             "(max_position_embeddings); nothing was computed")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import PoDKeys, PoDLayer
+from .static_cache import StaticStep
 
 ATTENTION_NAME = "ilc_pod"
 _QUERY_CHUNK_ELEMENTS = 1 << 25  # logits per SDPA call (B * heads * queries * keys): ~128 MB in fp32
@@ -28,6 +29,8 @@ _QUERY_CHUNK_ELEMENTS = 1 << 25  # logits per SDPA call (B * heads * queries * k
 
 def pod_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: returns ([B, q, Hq, D], None)."""
+    if isinstance(key, StaticStep):
+        return static_decode_attention(module, query, key, value, scaling)
     if not isinstance(key, PoDKeys):
         raise RuntimeError(
             f"layer {getattr(module, 'layer_idx', '?')}: an ilc plan is applied to this model, but it ran with a "
@@ -63,9 +66,105 @@ def _observe(state, layer_idx: int, query: torch.Tensor, scaling: float) -> None
     state.observed[layer_idx] = (recent.detach(), scaling)
 
 
-def pod_mask(*args, **kwargs):
-    """Mask builder registered under the same name: padding lives in the cache (its row starts), so no mask."""
-    return None
+def static_decode_attention(module, query, step: StaticStep, values, scaling=None):
+    """One decode step over a `StaticPoDCache`: every key segment at its full, fixed length, masked by position
+    (the new token's slot `step.position` is a device tensor). Returns ([B, 1, Hq, D], None)."""
+    layer, state = step.layer, step.state
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if layer.uses_kernels(query):
+        from .kernel_dispatch import static_decode_triton
+
+        return static_decode_triton(query, step, values, scaling).transpose(1, 2).contiguous(), None
+    if state.mode == "scores" and layer.layer_idx in layer.cache.last_reader:
+        state.queries[layer.layer_idx] = query
+    b, hq, _, d = query.shape
+    group = hq // len(layer.specs)
+    i, dev = step.position, query.device
+    rs = state.row_start if state.row_start is not None else torch.zeros(b, dtype=torch.long, device=dev)
+    s, w = state.sinks, state.window
+    slots = torch.arange(values.shape[2], device=dev)
+    out = query.new_empty(b, hq, 1, d)
+    if layer.anchor_heads:
+        qi = query_heads(layer.anchor_heads, group)
+        mask = (slots[None] <= i) & (slots[None] >= rs[:, None])  # [B, L]
+        out[:, qi] = F.scaled_dot_product_attention(
+            query[:, qi], layer.anchor_keys, values[:, [layer.value_pos[h] for h in layer.anchor_heads]],
+            attn_mask=mask[:, None, None], scale=scaling, enable_gqa=True)
+    for anchor, positions in follower_groups(layer).items():
+        heads = [layer.follower_heads[p] for p in positions]
+        qi = query_heads(heads, group)
+        anchor_layer = layer.cache.layers[anchor]
+        vals = values[:, [layer.value_pos[h] for h in heads]]
+        ring = layer.ring_keys[:, positions]
+        ring_pos = _ring_positions(i, ring.shape[2])
+        m_ring = (ring_pos >= (rs + s)[:, None]) & (ring_pos > i - w)  # [B, W]; no pads, no sinks, in the window
+        dist_k = anchor_layer.anchor_keys[:, [anchor_layer.anchor_heads.index(h) for h in heads]]
+        m_dist = (slots[None] >= (rs + s)[:, None]) & (slots[None] <= i - w)  # [B, L]
+        out[:, qi] = _static_softmax(
+            query[:, qi], distant_query(step, anchor, query, heads), rs, i, scaling,
+            own=[(layer.sink_keys[:, positions], _sink_values(vals, rs, s)), (ring, vals.index_select(2, ring_pos.clamp(min=0)))],
+            own_masks=[_sink_mask(rs, s, i), m_ring], dist=(dist_k, vals, m_dist))
+    for stream in layer.stream_groups:
+        qi = query_heads(stream.heads, group)
+        ring_pos = _ring_positions(i, stream.ring_k.shape[2])
+        m_ring = (ring_pos >= (rs + s)[:, None]) & (ring_pos > i - stream.window)
+        out[:, qi] = _static_softmax(query[:, qi], None, rs, i, scaling,
+                                     own=[(stream.sink_k, stream.sink_v), (stream.ring_k, stream.ring_v)],
+                                     own_masks=[_sink_mask(rs, s, i), m_ring], dist=None)
+    for a in {a for a in layer.anchors if a != layer.layer_idx}:
+        if layer.cache.last_reader.get(a) == layer.layer_idx:
+            state.queries.pop(a, None)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _ring_positions(i: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] the slot each ring entry holds after writing slot i: the latest p <= i with p = r (mod size);
+    negative where nothing was written yet."""
+    r = torch.arange(size, device=i.device)
+    return i - torch.remainder(i - r, size)
+
+
+def _sink_mask(rs: torch.Tensor, sinks: int, i: torch.Tensor) -> torch.Tensor:
+    """[B, S]: sink k of each row is stored (its slot rs + k is at most i)."""
+    return (rs[:, None] + torch.arange(sinks, device=rs.device)[None]) <= i
+
+
+def _sink_values(values: torch.Tensor, rs: torch.Tensor, sinks: int) -> torch.Tensor:
+    """[B, H, S, D] values of each row's sink slots (clamped: unstored ones are masked)."""
+    slots = (rs[:, None] + torch.arange(sinks, device=rs.device)[None]).clamp(max=values.shape[2] - 1)
+    return values.gather(2, slots[:, None, :, None].expand(-1, values.shape[1], -1, values.shape[3]))
+
+
+def _static_softmax(q_own, q_dist, rs, i, scaling, *, own, own_masks, dist):
+    """One softmax over own-key segments (keys, values) and an optional distant segment (anchor keys scored by
+    q_dist, own values); masks [B, n] per segment. q [B, Hq', 1, D]; returns [B, Hq', 1, D]."""
+    b, nq, _, d = q_own.shape
+    n_kv = own[0][0].shape[1]
+    g = nq // n_kv
+    qo = q_own.reshape(b, n_kv, g, d).float()
+    logits, vals, masks = [], [], []
+    for (k, v), m in zip(own, own_masks):
+        logits.append(torch.einsum("bhgd,bhnd->bhgn", qo, k.float()))
+        vals.append(v)
+        masks.append(m)
+    if dist is not None:
+        k, v, m = dist
+        qd = q_dist.reshape(b, n_kv, g, d).float()
+        logits.append(torch.einsum("bhgd,bhnd->bhgn", qd, k.float()))
+        vals.append(v)
+        masks.append(m)
+    lg = torch.cat(logits, -1) * scaling
+    lg = lg.masked_fill(~torch.cat(masks, -1)[:, None, None], float("-inf"))
+    p = torch.softmax(lg, -1)
+    o = torch.einsum("bhgn,bhnd->bhgd", p, torch.cat(vals, 2).float())
+    return o.reshape(b, nq, 1, d).to(q_own.dtype)
+
+
+def pod_mask(*args, attention_mask=None, **kwargs):
+    """Mask builder registered under the same name: the attention needs no mask (padding lives in the cache as
+    row starts), so the 2-D padding mask is handed on unchanged. `generate` builds "4-D" masks through this for
+    compileable caches and passes the result to the model, where the plan's hook reads the padding from it."""
+    return attention_mask
 
 
 def query_heads(kv_heads: list[int], group: int) -> list[int]:
@@ -81,7 +180,7 @@ def follower_groups(layer: PoDLayer) -> dict[int, list[int]]:
     return groups
 
 
-def distant_query(view: PoDKeys, anchor: int, query: torch.Tensor, heads: list[int]) -> torch.Tensor:
+def distant_query(view: PoDKeys | StaticStep, anchor: int, query: torch.Tensor, heads: list[int]) -> torch.Tensor:
     """q_d for `heads` of this layer: its own query ("keys") or the anchor's query of this forward ("scores")."""
     group = query.shape[1] // len(view.layer.specs)
     if view.state.mode == "keys":

@@ -107,48 +107,79 @@ def _decode_scratch(state, b, hq, d, cap, total, device):
     return scratch["mid_o"], scratch["mid_lse"], scratch["logits"]
 
 
-def _decode(out, query, layer: PoDLayer, view: PoDKeys, values, row_start, scaling):
-    """One decode step of one layer: split-K launches over all its KV heads, then one merge into `out`."""
-    from ilc.kernels import decode_attention, decode_merge, decode_splits
+def _decode(out, query, layer: PoDLayer, total: int, values, row_start, scaling, total_at=None):
+    """One decode step of one layer: split-K launches over all its KV heads, then one merge into `out`.
+    total: the layer's slot count; with a static cache, its preallocated length, and `total_at` the device
+    scalar holding the slot count."""
+    from ilc.kernels import decode_splits, ops
 
     state = layer.state
     b, hq, _, d = query.shape
     group = hq // len(layer.specs)
     dev = query.device
-    total = view.total
     cap, nsplit, split_len = decode_splits(dev, b, len(layer.specs), max(1, total - state.row_start_min - state.sinks))
     mid_o, mid_lse, logits = _decode_scratch(state, b, hq, d, cap, total, dev)
     meta = layer_launches(layer, dev)
-    logits_from = state.kernel_scratch["logits_from"]
-    for h, a in meta.reads_logits:
+    # Growing cache: check that every anchor whose step logits this layer reads has written them in this step.
+    # A static cache skips the bookkeeping (a captured graph replays one fixed layer order, and a host-side record
+    # that changes every step would force recompiles).
+    logits_from = state.kernel_scratch["logits_from"] if total_at is None else {}
+    for h, a in meta.reads_logits if total_at is None else ():
         if logits_from.get(h) != (a, total):
             raise RuntimeError(f"layer {layer.layer_idx}, KV head {h}: the step logits of anchor layer {a} are "
                                "missing (layers must run in order within one decode step)")
     dummy = query  # any tensor for pointer arguments a launch does not read
     pick = lambda t, ok: t if ok and t is not None and t.numel() else dummy  # noqa: E731
     common = dict(group=group, logits=logits, row_start=row_start, mid_o=mid_o, mid_lse=mid_lse, total=total,
-                  rs_min=state.row_start_min, sinks=state.sinks, scaling=scaling, nsplit=nsplit, split_len=split_len)
+                  rs_min=state.row_start_min, sinks=state.sinks, scaling=scaling, nsplit=nsplit, split_len=split_len,
+                  total_at=total_at)
     for launch in meta.decode:
         if launch.stream is not None:
             g = layer.stream_groups[launch.stream]
-            decode_attention(query, launch.table, values=dummy, anchor_keys=dummy, sink_keys=pick(g.sink_k, True),
-                             ring_keys=g.ring_k, dist_keys=dummy, sink_values=pick(g.sink_v, True),
-                             ring_values=g.ring_v, window=g.window, **common)
+            ops.decode_attention(query, launch.table, values=dummy, anchor_keys=dummy,
+                                 sink_keys=pick(g.sink_k, True), ring_keys=g.ring_k, dist_keys=dummy,
+                                 sink_values=pick(g.sink_v, True), ring_values=g.ring_v, window=g.window, **common)
             continue
         dist = layer.cache.layers[launch.dist_layer].anchor_keys if launch.dist_layer is not None else dummy
-        decode_attention(query, launch.table, values=pick(values, True),
-                         anchor_keys=pick(layer.anchor_keys, bool(layer.anchor_heads)),
-                         sink_keys=pick(layer.sink_keys, bool(layer.follower_heads)),
-                         ring_keys=pick(layer.ring_keys, bool(layer.follower_heads)), dist_keys=dist,
-                         sink_values=dummy, ring_values=dummy, window=state.window, **common)
+        ops.decode_attention(query, launch.table, values=pick(values, True),
+                             anchor_keys=pick(layer.anchor_keys, bool(layer.anchor_heads)),
+                             sink_keys=pick(layer.sink_keys, bool(layer.follower_heads)),
+                             ring_keys=pick(layer.ring_keys, bool(layer.follower_heads)), dist_keys=dist,
+                             sink_values=dummy, ring_values=dummy, window=state.window, **common)
     for h in meta.writes_logits:
         logits_from[h] = (layer.layer_idx, total)
-    decode_merge(out, mid_o, mid_lse, nsplit)
+    ops.decode_merge(out, mid_o, mid_lse, nsplit)
+
+
+def static_decode_triton(query, step, values, scaling):
+    """A decode step over a `StaticPoDCache` with the Triton kernels: splits over the preallocated length, the slot
+    count read on the device (`step.position + 1`), every buffer preallocated (`prepare_static`)."""
+    layer, state = step.layer, step.state
+    out = torch.empty_like(query)
+    _decode(out, query, layer, layer.max_length, values, _row_start(state, query.shape[0], query.device), scaling,
+            total_at=step.position + 1)
+    return out
+
+
+def prepare_static(cache, batch: int, device) -> None:
+    """Allocate, before any decode step is captured, the buffers `static_decode_triton` reuses: row starts, split
+    partials and step logits for the cache's full length, and every layer's head tables."""
+    from ilc.kernels import decode_splits
+
+    state = cache.state
+    plan = cache.plan
+    hq, d = plan.model.num_attention_heads, plan.model.head_dim
+    span = max(1, cache.max_length - state.row_start_min - state.sinks)
+    cap, _, _ = decode_splits(device, batch, plan.num_kv_heads, span)
+    _decode_scratch(state, batch, hq, d, cap, cache.max_length, device)
+    _row_start(state, batch, device)
+    for layer in cache.layers:
+        layer_launches(layer, device)
 
 
 def pod_attention_triton(query, view: PoDKeys, values, scaling):
     """One layer of ilc attention with the Triton kernels; same contract as `reference_attention`."""
-    from ilc.kernels import prefill_attention
+    from ilc.kernels import ops
 
     layer, state = view.layer, view.state
     if state.skip_threshold is not None:
@@ -158,7 +189,7 @@ def pod_attention_triton(query, view: PoDKeys, values, scaling):
     row_start = _row_start(state, b, dev)
     out = torch.empty_like(query)
     if q == 1:
-        _decode(out, query, layer, view, values, row_start, scaling)
+        _decode(out, query, layer, view.total, values, row_start, scaling)
         return out
     group = hq // len(layer.specs)
     if layer.anchor_heads:
@@ -172,14 +203,14 @@ def pod_attention_triton(query, view: PoDKeys, values, scaling):
     sinks_or = lambda t: t if t is not None and t.shape[2] else query  # noqa: E731 (no sinks: any tensor)
     for anchor, table in meta.prefill_followers:
         q_dist = query if state.mode == "keys" else state.queries[anchor]
-        prefill_attention(out, query, q_dist, table, sink_keys=sinks_or(layer.sink_keys),
+        ops.prefill_attention(out, query, q_dist, table, sink_keys=sinks_or(layer.sink_keys),
                           recent_keys=view.recent_keys, recent_start=view.recent_start,
                           dist_keys=layer.cache.layers[anchor].anchor_keys, values=values, sink_values=query,
                           recent_values=query, window=state.window, **common)
     for index, table in meta.prefill_streams:
         g = layer.stream_groups[index]
         recent_start, recent_k, recent_v = view.streaming_recent(index)
-        prefill_attention(out, query, query, table, sink_keys=sinks_or(g.sink_k), recent_keys=recent_k,
+        ops.prefill_attention(out, query, query, table, sink_keys=sinks_or(g.sink_k), recent_keys=recent_k,
                           recent_start=recent_start, dist_keys=query, values=query, sink_values=sinks_or(g.sink_v),
                           recent_values=recent_v, window=g.window, streaming=True, **common)
     return out

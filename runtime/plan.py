@@ -169,9 +169,11 @@ class Plan:
         return apply_plan(self, model, **kwargs)
 
     def new_cache(self, model=None, *, mode: str | None = None, skip_threshold: float | None = None,
-                  kernels: bool | None = None):
+                  kernels: bool | None = None, max_length: int | None = None):
         """A fresh compressed cache for this plan, to pass as `past_key_values=`. With `model` and no options,
-        the options given to `apply()`; a model running another plan is refused."""
+        the options given to `apply()`; a model running another plan is refused. With `max_length`: a
+        `StaticPoDCache` preallocated for that many tokens (prompt + new tokens), whose decode step
+        `torch.compile` / CUDA graphs can capture."""
         from .apply import check_cache_options
         from .cache import PoDCache
 
@@ -179,6 +181,14 @@ class Plan:
         applied = getattr(model, "_ilc_applied", None)
         if applied is not None and applied.plan != self:
             raise PlanError("new_cache: this model runs another plan; build the cache from the applied plan")
+        if max_length is not None:
+            from .static_cache import StaticPoDCache
+
+            if skip_threshold is not None:
+                raise PlanError("new_cache: a static cache (max_length) does not run the compute skip")
+            mode = mode or (applied.mode if applied is not None else None)
+            kernels = kernels if kernels is not None else (applied.kernels if applied is not None else None)
+            return StaticPoDCache(self, max_length, mode=mode, kernels=kernels)
         if applied is not None and mode is None and skip_threshold is None and kernels is None:
             return applied.new_cache()  # the options given to apply() (mode, skip threshold, kernels)
         return PoDCache(self, mode=mode, skip_threshold=skip_threshold, kernels=kernels)

@@ -209,3 +209,36 @@ def test_decode_launches_with_streaming_heads(monkeypatch):
                 assert (got - reference_attention(q, view, values, 0.125)).abs().max() < 1e-4
     # layer 3: streaming windows 4 (head 0) and 30 (head 2), head 1 follows; layer 1: full, streaming 2, follower
     assert launches[3] == (3, 1) and launches[1] == (2, 1) and launches[2] == (1, 1)
+
+
+def test_kernels_are_custom_ops_that_pass_opcheck_and_trace_without_a_graph_break(monkeypatch):
+    """The runtime calls the Triton launchers through `torch.library` custom ops (`ilc::...`): their schemas and
+    fake implementations pass `opcheck` on the arguments of a real mixed-layer step, and `torch.compile`
+    (fullgraph) traces a call without a graph break."""
+    from ilc.kernels import ops
+
+    calls = {}
+    for name in ("decode_attention", "decode_merge", "prefill_attention"):
+        op = getattr(ops, name)
+
+        def record(*args, op=op, name=name, **kwargs):
+            calls.setdefault(name, (args, kwargs))
+            return op(*args, **kwargs)
+        monkeypatch.setattr(ops, name, record)
+    model = tiny_llama(layers=5, heads=6, kv_heads=3)
+    run_layers(mixed_plan(model, sinks=3, window=5), "scores", torch.float32, 16, None, [9, 1], hq=6, hkv=3)
+    monkeypatch.undo()
+    assert set(calls) == {"decode_attention", "decode_merge", "prefill_attention"}
+    for name, (args, kwargs) in calls.items():
+        torch.library.opcheck(getattr(torch.ops.ilc, name).default, args, kwargs,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    args, kwargs = calls["decode_merge"]
+    out = args[0].clone()
+
+    def merge(out, mid_o, mid_lse):
+        ops.decode_merge(out, mid_o, mid_lse, kwargs.get("nsplit", args[3] if len(args) > 3 else None))
+        return out * 1
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(merge)(out, args[1], args[2])
+    assert explain.graph_break_count == 0 and explain.graph_count == 1

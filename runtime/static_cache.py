@@ -1,0 +1,178 @@
+"""A preallocated PoD cache whose decode step a compiler can capture (`torch.compile`, CUDA graphs).
+
+`StaticPoDCache` holds the same layout as `PoDCache` (`ilc.runtime.cache`), allocated once for `max_length`
+tokens at the first update: values and anchor keys [B, H, max_length, D], followers' sinks and a ring of exactly
+`window` own keys, streaming heads' sinks and rings. Its tensors never move or change shape, and the number of
+tokens seen lives in a device tensor (`length`), so a decode step has fixed shapes and reads no Python int that
+changes from step to step:
+- a decode step (one new token) writes with `index_copy_` at the device position and runs the Triton decode
+  kernel with the slot count read on the device (`kernel_dispatch.static_decode_triton`; on CUDA, or with
+  kernels=True) or `ilc.runtime.attention.static_decode_attention`, which masks by position instead of slicing. No `.item()`,
+  `.tolist()`, `.cpu()` or `bool(tensor)` runs in it (tested), and `torch.compile(model.forward, fullgraph=True)`
+  traces it with no graph break (tested on CPU);
+- a prompt (several tokens) runs eagerly through `PoDLayer.update` and the ordinary attention paths (prefill is
+  not captured; it reads the length on the host once per layer).
+Token selection (it reallocates) and the compute skip (data-dependent) are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import CacheState, PoDCache, PoDLayer
+from .plan import Plan, PlanError
+
+
+@dataclass
+class StaticStep:
+    """What a static layer's one-token update hands to the attention function: the layer and the new token's slot
+    as a 0-d device tensor (not a Python int, so a captured graph serves every step)."""
+
+    layer: "StaticPoDLayer"
+    position: torch.Tensor
+
+    @property
+    def state(self) -> CacheState:
+        return self.layer.state
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class StaticPoDLayer(PoDLayer):
+    """One layer of a `StaticPoDCache`: `PoDLayer`'s storage, preallocated, plus a device-side token count."""
+
+    is_compileable = True
+
+    def __init__(self, layer_idx, specs, state, cache, max_length: int):
+        self.max_length = max_length
+        self.length: torch.Tensor | None = None  # 0-d long on the cache's device, once initialized
+        super().__init__(layer_idx, specs, state, cache)
+
+    # `seen` is the device counter; reading it on the host is for prefill and bookkeeping only
+    @property
+    def seen(self) -> int:
+        return 0 if self.length is None else int(self.length)
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        if self.length is not None:
+            self.length.fill_(value)
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        b, _, _, d = key_states.shape
+        new = lambda heads, n: key_states.new_zeros(b, len(heads), n, d)  # noqa: E731
+        n = self.max_length
+        self.values, self.anchor_keys = new(self.value_heads, n), new(self.anchor_heads, n)
+        if self.follower_heads:
+            self.ring_keys = new(self.follower_heads, min(self.state.window, n))
+        for group in self.stream_groups:
+            group.ring_k, group.ring_v = new(group.heads, min(group.window, n)), new(group.heads, min(group.window, n))
+        self.capacity = n
+        self.length = torch.zeros((), dtype=torch.long, device=key_states.device)
+        self._follower_index = _index(self.follower_heads, self.device)
+        if not _is_compiling():  # fixed addresses: CUDA graphs replay over the same buffers
+            for t in self._buffers():
+                torch._dynamo.mark_static_address(t)
+
+    def uses_kernels(self, t: torch.Tensor) -> bool:
+        """Whether decode steps run the Triton kernels (`kernels=True`, or None on CUDA tensors)."""
+        return bool(self.state.kernels) or (self.state.kernels is None and t.is_cuda)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        out = [self.values, self.anchor_keys, self.sink_keys, self.ring_keys, self.length]
+        out += [t for group in self.stream_groups for t in group.tensors()]
+        return [t for t in out if t is not None]
+
+    def _reserve(self, total: int) -> None:
+        if total > self.max_length:
+            raise PlanError(f"the static PoD cache holds {self.max_length} tokens (max_length) and this update needs "
+                            f"{total}; build it with a larger max_length")
+
+    def get_seq_length(self):
+        """The device counter itself, as transformers' `StaticLayer` does (no host read)."""
+        return self.length if self.length is not None else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[2] != 1:
+            if self.layer_idx == 0 and self.uses_kernels(key_states):  # before a decode step can be captured
+                from .kernel_dispatch import prepare_static
+
+                prepare_static(self.cache, key_states.shape[0], key_states.device)
+            return super().update(key_states, value_states, *args, **kwargs)
+        pos = self.length.clone()  # this token's slot, on the device
+        at = pos.view(1)
+        state = self.state
+        if self.value_heads:
+            self.values.index_copy_(2, at, value_states[:, self._value_select])
+        if self.anchor_heads:
+            self.anchor_keys.index_copy_(2, at, key_states[:, self._anchor_select])
+        if self.follower_heads:
+            own = key_states.index_select(1, self._follower_index)
+            self.ring_keys.index_copy_(2, at % self.ring_keys.shape[2], own)
+            _write_sink(self.sink_keys, own, pos, state.row_start)
+        for group in self.stream_groups:
+            k, v = key_states[:, group.select], value_states[:, group.select]
+            group.ring_k.index_copy_(2, at % group.ring_k.shape[2], k)
+            group.ring_v.index_copy_(2, at % group.ring_v.shape[2], v)
+            _write_sink(group.sink_k, k, pos, state.row_start)
+            _write_sink(group.sink_v, v, pos, state.row_start)
+        self.length.add_(1)
+        return StaticStep(self, pos), self.values
+
+
+def _index(heads: list[int], device) -> torch.Tensor:
+    return torch.tensor(heads, dtype=torch.long, device=device)
+
+
+def _write_sink(dest: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, row_start: torch.Tensor | None) -> None:
+    """Store `new` [B, H, 1, D] (the token at slot `pos`) as sink k = pos - row_start of each row where 0 <= k < S,
+    without a host read: an out-of-range k writes the slot's old value back."""
+    s = dest.shape[2]
+    if s == 0:
+        return
+    rs = row_start if row_start is not None else torch.zeros(dest.shape[0], dtype=torch.long, device=dest.device)
+    k = pos - rs  # [B]
+    inside = (k >= 0) & (k < s)
+    slot = k.clamp(0, s - 1)[:, None, None, None].expand(-1, dest.shape[1], 1, dest.shape[3])
+    old = dest.gather(2, slot)
+    dest.scatter_(2, slot, torch.where(inside[:, None, None, None], new, old))
+
+
+class StaticPoDCache(PoDCache):
+    """A `PoDCache` preallocated for `max_length` tokens, for captured decode (see the module docstring)."""
+
+    def __init__(self, plan: Plan, max_length: int, mode: str | None = None, kernels: bool | None = None):
+        if plan.selection is not None:
+            raise PlanError("the static PoD cache does not run token selection (the plan's selection: reallocates "
+                            "the cache); use plan.new_cache(model) without max_length")
+        if plan.skip_threshold is not None:
+            raise PlanError("the static PoD cache does not run the compute skip (skip_threshold): it decides per "
+                            "row on the host; set skip_threshold=None")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise PlanError(f"max_length: expected a positive number of tokens, got {max_length!r}")
+        if max_length > plan.model.max_context:
+            raise PlanError(f"max_length {max_length} exceeds the model's context of {plan.model.max_context} tokens")
+        self.max_length = max_length
+        super().__init__(plan, mode=mode, kernels=kernels)
+        table = plan.head_table()
+        self.layers = [StaticPoDLayer(i, table[i], self.state, self, max_length) for i in range(plan.num_layers)]
+
+    def get_seq_length(self, layer_idx: int = 0):
+        return self.layers[layer_idx].get_seq_length()
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.max_length

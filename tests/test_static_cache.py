@@ -1,0 +1,150 @@
+"""The static PoD cache: same outputs as the growing cache, a decode step that compiles with no graph break, no
+host sync in a decode step, and exactly the plan's bytes for its max_length."""
+
+import pytest
+import torch
+
+from ilc.runtime import PlanError, remove_plan
+from ilc.runtime.heads import Selection
+from ilc.runtime.static_cache import StaticPoDCache
+
+from conftest import make_plan, mixed_plan, tiny_llama
+
+
+@pytest.fixture(params=[False, True], ids=["reference", "triton"])
+def planned(request):
+    """A mixed plan (full, follower and streaming heads in one layer) applied with the PyTorch reference or with
+    the Triton kernels (the CPU interpreter here: TRITON_INTERPRET=1, set in conftest)."""
+    model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=16)
+    plan = mixed_plan(model, sinks=3, window=5)
+    plan.apply(model, kernels=request.param)
+    yield model, plan
+    remove_plan(model)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("mode", ["scores", "keys"])
+def test_static_cache_generates_what_the_growing_cache_does(mode, kernels):
+    """Against the growing cache on the reference path; the static cache on the reference path, or through the
+    Triton decode kernel with the slot count on the device."""
+    model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=16)
+    plan = mixed_plan(model, sinks=3, window=5, mode=mode)
+    torch.manual_seed(0)
+    x = torch.randint(3, 90, (2, 30))
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding: row 1's sinks are its first real tokens
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+              output_logits=True)
+    with pytest.warns(UserWarning) if mode == "keys" else _nothing():
+        plan.apply(model, kernels=False)
+    growing = model.generate(x, past_key_values=plan.new_cache(model), **kw)
+    with pytest.warns(UserWarning) if mode == "keys" else _nothing():
+        plan.apply(model, kernels=kernels)
+    static_cache = plan.new_cache(model, max_length=64)
+    static = model.generate(x, past_key_values=static_cache, **kw)
+    remove_plan(model)
+    assert isinstance(static_cache, StaticPoDCache) and int(static_cache.get_seq_length()) == 41
+    assert torch.equal(growing.sequences, static.sequences)
+    for a, b in zip(growing.logits, static.logits):  # 12 steps past every window: rings have wrapped
+        assert (a - b).abs().max() < 1e-5
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _prefill(model, plan, batch=2, prompt=30, max_length=64):
+    torch.manual_seed(1)
+    x = torch.randint(3, 90, (batch, prompt))
+    cache = plan.new_cache(model, max_length=max_length)
+    with torch.no_grad():
+        out = model(x, past_key_values=cache, use_cache=True)
+    return cache, out.logits[:, -1:].argmax(-1)
+
+
+def _step(model, cache):
+    def step(token, pos):
+        return model.forward(input_ids=token, past_key_values=cache, cache_position=pos,
+                             position_ids=pos[None].expand(token.shape[0], 1), use_cache=True, logits_to_keep=1).logits
+    return step
+
+
+def test_decode_step_compiles_with_no_graph_break_and_matches_eager(planned):
+    model, plan = planned
+    cache, token = _prefill(model, plan)
+    eager_cache, _ = _prefill(model, plan)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explain = torch._dynamo.explain(_step(model, cache))(token, torch.tensor([30]))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    cache, token = _prefill(model, plan)  # explain ran one step: start again
+    torch._dynamo.reset()
+    compiled = torch.compile(_step(model, cache), fullgraph=True, backend="eager")
+    eager = _step(model, eager_cache)
+    eager_token = token
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for pos in range(30, 42):  # one graph for every step: positions are device tensors
+            got = compiled(token, torch.tensor([pos]))
+            want = eager(eager_token, torch.tensor([pos]))
+            assert (got - want).abs().max() < 1e-5
+            token = eager_token = want.argmax(-1)
+
+
+FORBIDDEN = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def test_decode_step_reads_nothing_on_the_host(planned, monkeypatch):
+    """No .item(), .tolist(), .cpu(), bool(), int() on any tensor in a decode step (on a GPU each is a sync)."""
+    model, plan = planned
+    cache, token = _prefill(model, plan)
+    step = _step(model, cache)
+    pos = torch.tensor([30])
+    calls = []
+
+    def forbid(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            calls.append(name)
+            return original(self, *a, **k)
+        return wrapper
+
+    with torch.no_grad():
+        for name in FORBIDDEN:
+            monkeypatch.setattr(torch.Tensor, name, forbid(name))
+        step(token, pos)
+        monkeypatch.undo()
+    assert calls == [], f"host reads in a decode step: {calls}"
+    cache, token = _prefill(model, plan)
+    with torch.no_grad():  # the check itself catches a host read (guards the test against a silent patch)
+        for name in FORBIDDEN:
+            monkeypatch.setattr(torch.Tensor, name, forbid(name))
+        int(cache.get_seq_length())
+        monkeypatch.undo()
+    assert calls == ["__int__"]
+
+
+def test_static_cache_holds_the_plans_bytes_for_max_length(planned):
+    model, plan = planned
+    cache, _ = _prefill(model, plan, max_length=96)
+    _, planned_bytes = plan.kv_bytes(96, batch=2, dtype_bytes=4)
+    assert cache.nbytes() == planned_bytes  # preallocated once, no growth slack
+    with pytest.raises(PlanError, match="holds 96 tokens"):
+        with torch.no_grad():
+            model(torch.randint(3, 90, (2, 70)), past_key_values=cache)
+
+
+def test_static_cache_refuses_what_it_cannot_run(planned):
+    model, plan = planned
+    with pytest.raises(PlanError, match="token selection"):
+        plan.with_options(selection=Selection(keep=0.5, window=8)).new_cache(max_length=64)
+    with pytest.raises(PlanError, match="compute skip"):
+        plan.new_cache(max_length=64, skip_threshold=0.5)
+    with pytest.raises(PlanError, match="exceeds the model's context"):
+        plan.new_cache(max_length=10**6)
+    with pytest.raises(PlanError, match="max_length"):
+        plan.new_cache(max_length=0)
