@@ -339,6 +339,11 @@ def format_summary(summary: dict, title: str) -> str:
     lines.append("")
     lines.append("Scores are mean x 100 (RULER string match); (+x / +y) = difference to the full model on NIAH / RULER. "
                  "KV saved = 1 - bytes held / dense bytes for the same tokens, measured after each run.")
+    if any(m.startswith("kvpress-") for m in summary):
+        lines.append("kvpress-PRESS-NN: NVIDIA kvpress's press at compression ratio NN%, query-agnostic (the context is "
+                     "compressed before the question is seen, kvpress's default); -aware: the question is inside the "
+                     "compressed context. ilc's methods see the whole prompt (selection scores with its last queries, "
+                     "which include the question). Presses that only mask keys (KVzip) keep a dense cache.")
     return "\n".join(lines)
 
 

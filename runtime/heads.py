@@ -67,7 +67,7 @@ class Selection:
     keep: float  # share of the distant tokens kept, in (0, 1)
     scorer: str = "snapkv"  # one of SCORERS
     window: int = 64  # recent tokens always kept (also SnapKV's observation window: the queries that score)
-    pool: int = 5  # SnapKV's pooling kernel over the scores (odd; 1 = none)
+    pool: int = 15  # pooling kernel over the scores (odd; 1 = none); kvpress uses 5, see docs/eval.md
 
     @property
     def observation(self) -> int:

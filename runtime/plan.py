@@ -307,7 +307,7 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         sel.only([f.name for f in fields(Selection)])
         selection = Selection(keep=sel.get("keep", float), scorer=sel.get("scorer", str, optional=True) or "snapkv",
                               window=sel.get("window", int, optional=True) or 64,
-                              pool=sel.get("pool", int, optional=True) or 5)
+                              pool=sel.get("pool", int, optional=True) or Selection.pool)
     plan_kwargs = dict(
         model=model,
         selection=selection,
