@@ -21,7 +21,7 @@ ILC_RUNS = {  # run directory under the sweep -> {method in that run: (label, fa
     "full": {"full": ("full model", "full")},
     **{f"mixed-{t}": {"plan": (f"ilc mixed {t}%", "ilc mixed plan"),
                       "streaming-equal": (f"StreamingLLM at mixed {t}% bytes (ilc runtime)", "StreamingLLM (ilc)")}
-       for t in (20, 30, 40, 50, 60)},
+       for t in (20, 30, 40, 50, 60, 75)},
     **{f"selection-{t}": {"plan": (f"ilc mixed + selection {t}%", "ilc mixed + selection"),
                           "selection-equal": (f"ilc selection alone at mixed + selection {t}% bytes",
                                               "ilc selection alone (SnapKV rule)")}

@@ -380,10 +380,12 @@ def plot_niah(records: list[dict], methods: list[str], path: str | Path) -> Path
 @torch.no_grad()
 def held_bytes(plan: Plan, context: int, dtype=torch.float32, batch: int = 1) -> tuple[int, int]:
     """(held, dense) bytes of a real `PoDCache` for `plan` after one prefill of `context` tokens: zeros go
-    through every layer's update, so the allocation is exactly what a model run would leave (no model needed)."""
+    through every layer's update, so the allocation is exactly what a model run would leave (no model needed);
+    a plan's token selection runs as at the first decode step (which tokens it keeps does not change the bytes)."""
     m = plan.model
     cache = PoDCache(plan)
     k = torch.zeros(batch, m.num_kv_heads, context, m.head_dim, dtype=dtype)
     for layer in range(m.num_layers):
         cache.update(k, k, layer)
+    cache.select()
     return cache.nbytes(), cache.dense_bytes()

@@ -6,7 +6,6 @@ An option is checked before any work starts (model load, calibration, evaluation
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ilc.runtime import PoDCache, reference_attention
+from ilc.runtime import PoDCache
 from ilc.runtime.attention import pod_attention
 from ilc.runtime.heads import HeadKind
 
@@ -54,6 +54,25 @@ class _Module:
     layer_idx = 0
 
 
+def run_cache(plan, qs, ks, vs, row_start, chunks):
+    """Feed per-layer q/k/v [B, H, T, D] through a PoDCache and the registered attention, chunk by chunk;
+    returns (cache, per-layer outputs [B, Hq, T, D] in float64)."""
+    cache = PoDCache(plan)
+    cache.set_row_start(row_start)
+    got = [[] for _ in qs]
+    start = 0
+    d = qs[0].shape[-1]
+    for n in chunks:
+        for l in range(len(qs)):
+            sl = slice(start, start + n)
+            view, values = cache.update(ks[l][:, :, sl], vs[l][:, :, sl], l)
+            _Module.layer_idx = l
+            out, _ = pod_attention(_Module, qs[l][:, :, sl], view, values, None, scaling=d ** -0.5)
+            got[l].append(out.transpose(1, 2))
+        start += n
+    return cache, [torch.cat(g, dim=2).double() for g in got]
+
+
 @pytest.mark.parametrize("mode", ["scores", "keys"])
 @pytest.mark.parametrize("pad", [0, 4, 10])  # 10: the padded row's sinks arrive in a later chunk than row 0's
 @pytest.mark.parametrize("kinds", ["shared", "mixed"])
@@ -69,22 +88,12 @@ def test_cache_and_reference_match_brute_force(mode, pad, kinds):
     qs = [torch.randn(b, hq, t, d) for _ in range(5)]
     ks = [torch.randn(b, hkv, t, d) for _ in range(5)]
     vs = [torch.randn(b, hkv, t, d) for _ in range(5)]
-    cache = PoDCache(plan)
-    cache.set_row_start(row_start)
-    got = [[] for _ in range(5)]
-    start = 0
-    for n in [9, 1, 1, 6, 1, 2, 1, 8]:  # prefill chunks and decode steps
-        for l in range(5):
-            sl = slice(start, start + n)
-            view, values = cache.update(ks[l][:, :, sl], vs[l][:, :, sl], l)
-            _Module.layer_idx = l
-            out, _ = pod_attention(_Module, qs[l][:, :, sl], view, values, None, scaling=d ** -0.5)
-            got[l].append(out.transpose(1, 2))
-        start += n
-    assert start == t
+    chunks = [9, 1, 1, 6, 1, 2, 1, 8]  # prefill chunks and decode steps
+    assert sum(chunks) == t
+    cache, got = run_cache(plan, qs, ks, vs, row_start, chunks)
     want = brute_force(qs, ks, vs, plan.head_table(), 3, mode, row_start)
     for l in range(5):
-        g = torch.cat(got[l], dim=2).double()
+        g = got[l]
         for row in range(b):
             rs = int(row_start[row])
             err = (g[row, :, rs:] - want[l][row, :, rs:]).abs().max().item()

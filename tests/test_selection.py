@@ -4,16 +4,11 @@ import pytest
 import torch
 
 from ilc.runtime import PoDCache, load_plan, remove_plan
-from ilc.runtime.attention import pod_attention
 from ilc.runtime.heads import HeadKind, Selection
 from ilc.runtime.plan import PlanError
 
 from conftest import make_plan, mixed_plan, tiny_llama
-from test_runtime_rule import brute_force
-
-
-class _Module:
-    layer_idx = 0
+from test_runtime_rule import brute_force, run_cache
 
 
 def expected_kept(qs, ks, plan, sel, t0, row_start):
@@ -65,25 +60,6 @@ def expected_kept(qs, ks, plan, sel, t0, row_start):
     return kept
 
 
-def run_cache(plan, qs, ks, vs, row_start, chunks):
-    """Feed per-layer q/k/v through a PoDCache + the registered attention, chunk by chunk; outputs per layer."""
-    cache = PoDCache(plan)
-    cache.set_row_start(row_start)
-    layers = len(qs)
-    got = [[] for _ in range(layers)]
-    start = 0
-    d = qs[0].shape[-1]
-    for n in chunks:
-        for l in range(layers):
-            sl = slice(start, start + n)
-            view, values = cache.update(ks[l][:, :, sl], vs[l][:, :, sl], l)
-            _Module.layer_idx = l
-            out, _ = pod_attention(_Module, qs[l][:, :, sl], view, values, None, scaling=d ** -0.5)
-            got[l].append(out.transpose(1, 2))
-        start += n
-    return cache, [torch.cat(g, dim=2).double() for g in got]
-
-
 @pytest.mark.parametrize("scorer", ["snapkv", "tova"])
 @pytest.mark.parametrize("pad", [0, 4, 10])  # 10: the padded row is short enough to keep all its tokens
 @pytest.mark.parametrize("kinds", ["shared", "mixed"])
@@ -109,7 +85,6 @@ def test_selection_keeps_the_chosen_tokens_and_matches_brute_force(scorer, pad, 
     want = brute_force(qs, ks, vs, plan.head_table(), 3, "scores", row_start, kept=masks)
     for l in range(5):
         for row in range(b):
-            rs = int(row_start[row])
             err = (got[l][row, :, t0:] - want[l][row, :, t0:]).abs().max().item()  # decode steps after selection
             assert err < 1e-5, (l, row, err)
     # every layer of a block keeps the same tokens: a follower's values are its own values at its anchor's choice
@@ -183,3 +158,15 @@ def test_selection_plan_round_trips_and_rejects_bad_sections(tmp_path):
             load_plan(tmp_path / "bad.yaml")
     with pytest.raises(PlanError, match="token selection"):
         PoDCache(plan, kernels=True)
+
+
+def test_held_bytes_count_what_selection_leaves():
+    """`ilc.evaluate.held_bytes` (the sweep's "saved at 4k") runs the selection as the first decode step would."""
+    from ilc.evaluate import held_bytes
+
+    model = tiny_llama(layers=5, heads=6, kv_heads=3)
+    plan = mixed_plan(model, sinks=3, window=5)
+    selected = plan.with_options(selection=Selection(keep=0.1, window=8))
+    held, dense = held_bytes(selected, 4000)
+    _, planned = selected.kv_bytes(4000, dtype_bytes=4)
+    assert planned <= held < held_bytes(plan, 4000)[0] and held < 1.1 * planned  # slack: 32+ slots per tensor

@@ -8,7 +8,7 @@ from ilc.runtime import PlanError, remove_plan
 from ilc.runtime.heads import Selection
 from ilc.runtime.static_cache import StaticPoDCache
 
-from conftest import make_plan, mixed_plan, tiny_llama
+from conftest import mixed_plan, tiny_llama
 
 
 @pytest.fixture(params=[False, True], ids=["reference", "triton"])
