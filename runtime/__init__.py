@@ -5,7 +5,7 @@
     model = plan.apply(model)
     out = model.generate(ids, max_new_tokens=256)
 
-Imports torch, transformers and PyYAML only (no scipy/networkx: those belong to the compiler).
+Imports torch, transformers and PyYAML only (no networkx: that belongs to the compiler).
 """
 
 from .apply import QualityWarning, apply_plan, check_plan_matches, remove_plan

@@ -87,7 +87,8 @@ def test_decode_step_compiles_with_no_graph_break_and_matches_eager(planned):
     eager = _step(model, eager_cache)
     eager_token = token
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for pos in range(30, 42):  # one graph for every step: positions are device tensors
+        steps = 6 if model._ilc_applied.kernels else 12  # the Triton interpreter is slow; 6 still wraps every ring
+        for pos in range(30, 30 + steps):  # one graph for every step: positions are device tensors
             got = compiled(token, torch.tensor([pos]))
             want = eager(eager_token, torch.tensor([pos]))
             assert (got - want).abs().max() < 1e-5
