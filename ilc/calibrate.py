@@ -297,8 +297,8 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
                 low = grouping.blocks_min_similarity(sim[h], [list(seg.layers)])[0]
                 head += blocks_from_layers([seg.layers], [low])
         blocks.append(tuple(head))
-    chosen = {"kinds": list(settings.kinds), "assignment": "lagrangian-dp", "max_error": max_error,
-              "streaming_windows": list(windows), "total_error": round(error, 4),
+    chosen = {"kinds": [k for k in settings.kinds if k in allowed], "assignment": "lagrangian-dp",
+              "max_error": max_error, "streaming_windows": list(windows), "total_error": round(error, 4),
               "estimated_saving": round(saved, 4)}
     return tuple(blocks), chosen
 

@@ -179,6 +179,7 @@ def test_keep_adds_selection_priced_into_the_target(tmp_path):
     with_sel = regroup(result, CalibrationSettings(target_saving=0.75, keep=0.1, **settings), 256)
     assert with_sel.selection is not None and (with_sel.selection.keep, with_sel.selection.window) == (0.1, 16)
     assert with_sel.kind_counts()["follower"] == 0  # a 16-token selection window is below the followers' window
+    assert with_sel.criterion["kinds"] == ["streaming"]  # recorded as priced: followers were not an option
     assert with_sel.estimated_saving(256) >= 0.75 - 1e-9
     half = regroup(result, CalibrationSettings(target_saving=0.6, keep=0.5, **settings), 256)
     assert half.kind_counts()["streaming"] < result.plan.kind_counts()["streaming"]  # selection did part of it
