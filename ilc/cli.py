@@ -175,6 +175,12 @@ def _generate(args) -> int:
     return 0
 
 
+def _scorer_names() -> list[str]:
+    from ilc.runtime.heads import SCORERS
+
+    return list(SCORERS)
+
+
 def _method_names() -> list[str]:
     from .evaluate import METHODS
 
@@ -225,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", type=float, help=f"token selection (SnapKV-style, once at the end of prefill): the "
                    f"share of distant tokens every full head keeps, {r('keep')}; followers keep their anchor's "
                    "choice, streaming heads are unaffected (default: no selection)")
-    c.add_argument("--scorer", default="snapkv", choices=["snapkv", "tova"],
+    c.add_argument("--scorer", default="snapkv", choices=_scorer_names(),
                    help="token selection's scoring rule (default snapkv)")
     c.add_argument("--selection-window", type=int, default=64, help=f"token selection: recent tokens always kept "
                    f"and the queries that score, {r('selection_window')} (default 64; at least the followers' window)")

@@ -29,9 +29,8 @@ _QUERY_CHUNK_ELEMENTS = 1 << 25  # logits per SDPA call (B * heads * queries * k
 
 def pod_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: returns ([B, q, Hq, D], None)."""
-    if isinstance(key, StaticStep):
-        return static_decode_attention(module, query, key, value, scaling)
-    if not isinstance(key, PoDKeys):
+    static = isinstance(key, StaticStep)
+    if not static and not isinstance(key, PoDKeys):
         raise RuntimeError(
             f"layer {getattr(module, 'layer_idx', '?')}: an ilc plan is applied to this model, but it ran with a "
             f"cache that is not the plan's (got keys of type {type(key).__name__}). Pass no cache, or "
@@ -46,7 +45,9 @@ def pod_attention(module, query, key, value, attention_mask=None, scaling=None, 
         state.queries[layer.layer_idx] = query
     if state.selection is not None and not state.selected and layer.anchor_heads:  # the scorers' last queries
         _observe(state, layer.layer_idx, query, scaling)
-    if state.selection is None and (state.kernels or (state.kernels is None and query.is_cuda)):
+    if static:  # a decode step over a StaticPoDCache (selection is refused there)
+        out = static_decode(query, key, value, scaling)
+    elif state.selection is None and (state.kernels or (state.kernels is None and query.is_cuda)):
         from .kernel_dispatch import pod_attention_triton
 
         out = pod_attention_triton(query, key, value, scaling)
@@ -66,17 +67,15 @@ def _observe(state, layer_idx: int, query: torch.Tensor, scaling: float) -> None
     state.observed[layer_idx] = (recent.detach(), scaling)
 
 
-def static_decode_attention(module, query, step: StaticStep, values, scaling=None):
-    """One decode step over a `StaticPoDCache`: every key segment at its full, fixed length, masked by position
-    (the new token's slot `step.position` is a device tensor). Returns ([B, 1, Hq, D], None)."""
+def static_decode(query, step: StaticStep, values, scaling: float) -> torch.Tensor:
+    """One decode step over a `StaticPoDCache`, query [B, Hq, 1, D] -> [B, Hq, 1, D]: the Triton decode kernel
+    reading the slot count on the device, or here every key segment at its full, fixed length, masked by position
+    (the new token's slot `step.position` is a device tensor)."""
     layer, state = step.layer, step.state
-    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if layer.uses_kernels(query):
         from .kernel_dispatch import static_decode_triton
 
-        return static_decode_triton(query, step, values, scaling).transpose(1, 2).contiguous(), None
-    if state.mode == "scores" and layer.layer_idx in layer.cache.last_reader:
-        state.queries[layer.layer_idx] = query
+        return static_decode_triton(query, step, values, scaling)
     b, hq, _, d = query.shape
     group = hq // len(layer.specs)
     i, dev = step.position, query.device
@@ -111,10 +110,7 @@ def static_decode_attention(module, query, step: StaticStep, values, scaling=Non
         out[:, qi] = _static_softmax(query[:, qi], None, rs, i, scaling,
                                      own=[(stream.sink_k, stream.sink_v), (stream.ring_k, stream.ring_v)],
                                      own_masks=[_sink_mask(rs, s, i), m_ring], dist=None)
-    for a in {a for a in layer.anchors if a != layer.layer_idx}:
-        if layer.cache.last_reader.get(a) == layer.layer_idx:
-            state.queries.pop(a, None)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 def _ring_positions(i: torch.Tensor, size: int) -> torch.Tensor:

@@ -53,17 +53,18 @@ class CacheState:
 
     def set_stored_row_start(self, row_start: torch.Tensor | None) -> None:
         """Row starts in stored slots (value heads, followers); `set_row_start` sets both kinds before selection."""
-        if row_start is not None and not bool((row_start > 0).any()):
-            row_start = None
-        self.row_start = row_start
-        self.row_start_min = 0 if row_start is None else int(row_start.min())
-        self.row_start_max = 0 if row_start is None else int(row_start.max())
+        self.row_start, self.row_start_min, self.row_start_max = _row_bounds(row_start)
 
     def set_stream_row_start(self, row_start: torch.Tensor | None) -> None:
-        if row_start is not None and not bool((row_start > 0).any()):
-            row_start = None
-        self.stream_row_start = row_start
-        self.stream_row_start_max = 0 if row_start is None else int(row_start.max())
+        """Row starts in logical slots (streaming heads)."""
+        self.stream_row_start, _, self.stream_row_start_max = _row_bounds(row_start)
+
+
+def _row_bounds(row_start: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
+    """(row starts, or None when no row is padded; smallest; largest), the bounds read on the host once."""
+    if row_start is None or not bool((row_start > 0).any()):
+        return None, 0, 0
+    return row_start, int(row_start.min()), int(row_start.max())
 
 
 @dataclass
@@ -420,14 +421,16 @@ class PoDCache(Cache):
             selection=plan.selection,
         )
         table = plan.head_table()
-        layers = [PoDLayer(i, table[i], self.state, self) for i in range(plan.num_layers)]
-        super().__init__(layers=layers)
+        super().__init__(layers=[self._new_layer(i, specs) for i, specs in enumerate(table)])
         # Scores mode: which layers must leave their query for followers, and who reads it last.
         self.last_reader: dict[int, int] = {}
         for i, specs in enumerate(table):
             for spec in specs:
                 if spec.kind == HeadKind.FOLLOWER:
                     self.last_reader[spec.anchor] = max(self.last_reader.get(spec.anchor, -1), i)
+
+    def _new_layer(self, layer_idx: int, specs: tuple[HeadSpec, ...]) -> PoDLayer:
+        return PoDLayer(layer_idx, specs, self.state, self)
 
     def set_row_start(self, row_start: torch.Tensor | None) -> None:
         """Record each row's first real slot (left padding); sinks are each row's first real tokens."""

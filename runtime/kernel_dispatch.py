@@ -123,8 +123,9 @@ def _decode(out, query, layer: PoDLayer, total: int, values, row_start, scaling,
     # Growing cache: check that every anchor whose step logits this layer reads has written them in this step.
     # A static cache skips the bookkeeping (a captured graph replays one fixed layer order, and a host-side record
     # that changes every step would force recompiles).
-    logits_from = state.kernel_scratch["logits_from"] if total_at is None else {}
-    for h, a in meta.reads_logits if total_at is None else ():
+    track = total_at is None
+    logits_from = state.kernel_scratch["logits_from"]
+    for h, a in meta.reads_logits if track else ():
         if logits_from.get(h) != (a, total):
             raise RuntimeError(f"layer {layer.layer_idx}, KV head {h}: the step logits of anchor layer {a} are "
                                "missing (layers must run in order within one decode step)")
@@ -146,7 +147,7 @@ def _decode(out, query, layer: PoDLayer, total: int, values, row_start, scaling,
                              sink_keys=pick(layer.sink_keys, bool(layer.follower_heads)),
                              ring_keys=pick(layer.ring_keys, bool(layer.follower_heads)), dist_keys=dist,
                              sink_values=dummy, ring_values=dummy, window=state.window, **common)
-    for h in meta.writes_logits:
+    for h in meta.writes_logits if track else ():
         logits_from[h] = (layer.layer_idx, total)
     ops.decode_merge(out, mid_o, mid_lse, nsplit)
 

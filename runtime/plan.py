@@ -305,9 +305,9 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
             raise PlanError(f"{source}: selection: not part of format ilc-plan/1 (write format: {FORMAT})")
         sel = r.section("selection")
         sel.only([f.name for f in fields(Selection)])
-        selection = Selection(keep=sel.get("keep", float), scorer=sel.get("scorer", str, optional=True) or "snapkv",
-                              window=sel.get("window", int, optional=True) or 64,
-                              pool=sel.get("pool", int, optional=True) or Selection.pool)
+        types = {"scorer": str, "window": int, "pool": int}  # optional: Selection's defaults where absent
+        selection = Selection(keep=sel.get("keep", float),
+                              **{k: sel.get(k, t) for k, t in types.items() if sel.raw.get(k) is not None})
     plan_kwargs = dict(
         model=model,
         selection=selection,

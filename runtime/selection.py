@@ -71,6 +71,8 @@ def select_tokens(cache: "PoDCache") -> None:
     real = total - rs  # [B] real tokens per row
     selecting = real > kept  # rows that drop tokens; the others keep all of theirs (right-aligned)
     tail = torch.arange(total - kept, total, device=device).clamp(min=0)  # [K] slots of a row that keeps all
+    slot = torch.arange(total, device=device)
+    candidate = (slot[None, :] >= (rs + s)[:, None]) & (slot[None, :] < total - w)  # [B, T] distant real slots
     chosen: dict[int, torch.Tensor] = {}  # layer -> [B, Ha, K] slots kept by its FULL heads
     for layer in cache.layers:
         if not layer.anchor_heads:
@@ -83,8 +85,6 @@ def select_tokens(cache: "PoDCache") -> None:
             group = q_heads.shape[1] // len(layer.specs)
             q = q_heads.unflatten(1, (len(layer.specs), group))[:, layer.anchor_heads]  # [B, Ha, g, w, D]
             scores = token_scores(q, keys, rs, scaling, sel)
-        slot = torch.arange(total, device=device)
-        candidate = (slot[None, :] >= (rs + s)[:, None]) & (slot[None, :] < total - w)  # [B, T]
         scores = scores.masked_fill(~candidate[:, None], float("-inf"))
         top = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # [B, Ha, budget]
         sinks = (rs[:, None] + torch.arange(s, device=device)[None]).expand(len(layer.anchor_heads), -1, -1)

@@ -7,7 +7,7 @@ tokens seen lives in a device tensor (`length`), so a decode step has fixed shap
 changes from step to step:
 - a decode step (one new token) writes with `index_copy_` at the device position and runs the Triton decode
   kernel with the slot count read on the device (`kernel_dispatch.static_decode_triton`; on CUDA, or with
-  kernels=True) or `ilc.runtime.attention.static_decode_attention`, which masks by position instead of slicing. No `.item()`,
+  kernels=True) or `ilc.runtime.attention.static_decode`, which masks by position instead of slicing. No `.item()`,
   `.tolist()`, `.cpu()` or `bool(tensor)` runs in it (tested), and `torch.compile(model.forward, fullgraph=True)`
   traces it with no graph break (tested on CPU);
 - a prompt (several tokens) runs eagerly through `PoDLayer.update` and the ordinary attention paths (prefill is
@@ -36,10 +36,6 @@ class StaticStep:
     @property
     def state(self) -> CacheState:
         return self.layer.state
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 class StaticPoDLayer(PoDLayer):
@@ -74,8 +70,7 @@ class StaticPoDLayer(PoDLayer):
             group.ring_k, group.ring_v = new(group.heads, min(group.window, n)), new(group.heads, min(group.window, n))
         self.capacity = n
         self.length = torch.zeros((), dtype=torch.long, device=key_states.device)
-        self._follower_index = _index(self.follower_heads, self.device)
-        if not _is_compiling():  # fixed addresses: CUDA graphs replay over the same buffers
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over the same buffers
             for t in self._buffers():
                 torch._dynamo.mark_static_address(t)
 
@@ -120,7 +115,7 @@ class StaticPoDLayer(PoDLayer):
         if self.anchor_heads:
             self.anchor_keys.index_copy_(2, at, key_states[:, self._anchor_select])
         if self.follower_heads:
-            own = key_states.index_select(1, self._follower_index)
+            own = key_states[:, self._follower_select]
             self.ring_keys.index_copy_(2, at % self.ring_keys.shape[2], own)
             _write_sink(self.sink_keys, own, pos, state.row_start)
         for group in self.stream_groups:
@@ -131,10 +126,6 @@ class StaticPoDLayer(PoDLayer):
             _write_sink(group.sink_v, v, pos, state.row_start)
         self.length.add_(1)
         return StaticStep(self, pos), self.values
-
-
-def _index(heads: list[int], device) -> torch.Tensor:
-    return torch.tensor(heads, dtype=torch.long, device=device)
 
 
 def _write_sink(dest: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, row_start: torch.Tensor | None) -> None:
@@ -167,12 +158,6 @@ class StaticPoDCache(PoDCache):
             raise PlanError(f"max_length {max_length} exceeds the model's context of {plan.model.max_context} tokens")
         self.max_length = max_length
         super().__init__(plan, mode=mode, kernels=kernels)
-        table = plan.head_table()
-        self.layers = [StaticPoDLayer(i, table[i], self.state, self, max_length) for i in range(plan.num_layers)]
 
-    def get_seq_length(self, layer_idx: int = 0):
-        return self.layers[layer_idx].get_seq_length()
-
-    @property
-    def max_cache_len(self) -> int:
-        return self.max_length
+    def _new_layer(self, layer_idx, specs) -> StaticPoDLayer:
+        return StaticPoDLayer(layer_idx, specs, self.state, self, self.max_length)

@@ -152,6 +152,7 @@ def test_selection_plan_round_trips_and_rejects_bad_sections(tmp_path):
     for bad, message in ((text.replace("keep: 0.1", "keep: 1.5"), "keep"),
                          (text.replace("scorer: tova", "scorer: magic"), "scorer"),
                          (text.replace("window: 8", "window: 2", 1), "window"),
+                         (text.replace("window: 8", "window: 0", 1), "window must be >= 1"),
                          (text.replace("keep: 0.1", "keep: 0.1\n  keeep: 3"), "keeep")):
         (tmp_path / "bad.yaml").write_text(bad)
         with pytest.raises(PlanError, match=message):

@@ -103,8 +103,8 @@ def run_one(pipe, prompt: dict, peer: Peer, ratio: float, setting: str, max_new_
 
 
 def main(args) -> None:
-    import kvpress
-    import transformers
+    from importlib.metadata import version
+
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     prompts_path = Path(args.prompts)
@@ -128,8 +128,7 @@ def main(args) -> None:
                 done.add((rec["key"], rec["settings"]["prompt"]))
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-    versions = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
-                "transformers": transformers.__version__, "torch": torch.__version__}
+    versions = {name: version(name) for name in ("kvpress", "transformers", "torch")}
     jobs = [(p, peer, r, s) for peer in chosen for r in ratios for s in settings for p in prompts]
     todo = [j for j in jobs if (f"{method_name(j[1].name, j[2], j[3])}|{j[0]['prompt_key']}", j[0]["prompt"])
             not in done]
