@@ -9,7 +9,8 @@ method:
   calibration worth it?);
 - token selection alone (our SnapKV): every head FULL with the plan's selection rule, keeping as many distant
   tokens as makes the cache hold the plan's bytes (does sharing add anything to selection?).
-Baselines carry no selection of the plan's own unless they are the selection baseline.
+Baselines carry no selection of the plan's own unless they are the selection baseline, and no adaptation: they
+run on the base weights.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ def streaming_plan(plan: Plan, window: int) -> Plan:
     """StreamingLLM as a plan: the plan's model and sinks, every head streaming with `window`."""
     head = tuple(streaming_block(layer, window) for layer in range(plan.num_layers))
     return replace(plan, blocks=tuple(head for _ in range(plan.num_kv_heads)),
-                   criterion={"method": f"streaming-{window}"}, similarity={}, selection=None)
+                   criterion={"method": f"streaming-{window}"}, similarity={}, selection=None, adapted=None)
 
 
 def uniform_plan(plan: Plan, size: int) -> Plan:
     """The plan's windows and model, with every KV head grouped into blocks of `size` consecutive layers."""
     groups = [list(range(a, min(plan.num_layers, a + size))) for a in range(0, plan.num_layers, size)]
     return replace(plan, blocks=tuple(blocks_from_layers(groups) for _ in range(plan.num_kv_heads)),
-                   criterion={"method": f"uniform-{size}"}, similarity={}, selection=None)
+                   criterion={"method": f"uniform-{size}"}, similarity={}, selection=None, adapted=None)
 
 
 def selection_plan(plan: Plan, selection: Selection) -> Plan:
@@ -40,7 +41,7 @@ def selection_plan(plan: Plan, selection: Selection) -> Plan:
     groups = [[layer] for layer in range(plan.num_layers)]
     return replace(plan, blocks=tuple(blocks_from_layers(groups) for _ in range(plan.num_kv_heads)),
                    criterion={"method": f"selection-{selection.scorer}-{selection.keep:.3f}"}, similarity={},
-                   selection=selection)
+                   selection=selection, adapted=None)
 
 
 def equal_memory_selection(plan: Plan, context: int) -> Selection:

@@ -1,4 +1,5 @@
-"""`ilc`: the command line. `calibrate` writes a plan, `inspect` explains one, `eval` scores one, `generate` runs one.
+"""`ilc`: the command line. `calibrate` writes a plan, `inspect` explains one, `adapt` trains the model to run it,
+`eval` scores one, `generate` runs one.
 
 Every option is checked against its range (`ilc.options`) and every output path for writability before any model
 is loaded. Errors print one line and exit 2; Ctrl-C exits 130; `--debug` (or ILC_DEBUG=1) shows tracebacks.
@@ -49,6 +50,39 @@ def _calibrate(args) -> int:
     return 0
 
 
+def adapt_config(args):
+    """The `AdaptConfig` of parsed `ilc adapt` arguments, validated (no work done)."""
+    from .adapt import AdaptConfig
+
+    config = AdaptConfig(tokens=args.tokens, seq_len=args.seq_len, lr=args.lr, rank=args.rank,
+                         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), layers=args.layers,
+                         mode=args.mode, retrieval_share=args.retrieval_share, proximal_weight=args.proximal_weight,
+                         lm_weight=args.lm_weight, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    config.validate()
+    return config
+
+
+def _adapt(args) -> int:
+    from ilc.runtime.plan import load_plan
+
+    from .adapt import adapt, check_out_dir
+    from .data import read_documents
+    from .models import load_model
+
+    config = adapt_config(args)
+    check_device(args.device)
+    check_writable(args.out, "--out", directory=True)
+    check_out_dir(Path(args.out), args.resume)
+    plan = load_plan(args.plan)
+    docs = read_documents(args.data) if args.data else None
+    model, tokenizer, _ = load_model(args.model, args.device)
+    result = adapt(model, tokenizer, plan, config, args.out, docs=docs, resume=args.resume, merge=args.merge)
+    a = result.plan.adapted
+    print(f"adapted {a.steps} steps ({a.tokens} tokens, {result.tokens_per_second:.0f} tokens/s this run): "
+          f"loss {a.loss_initial:.4f} -> {a.loss_final:.4f}; wrote {result.out}/plan.yaml and {result.out}/adapter")
+    return 0
+
+
 def _inspect(args) -> int:
     from ilc.runtime.plan import load_plan
 
@@ -91,6 +125,18 @@ def eval_request(args):
         check_writable(args.plot, "--plot")
     plan = load_plan(args.plan)
     config.validate(plan.model.max_context)
+    if plan.adapted is not None:
+        from ilc.runtime.adapter import adapter_fingerprint
+
+        if args.adapter and adapter_fingerprint(args.adapter) != plan.adapted.adapter:
+            raise OptionError(f"--adapter {args.adapter} is not the adapter {args.plan} was adapted with")
+        if not args.adapter:
+            raise OptionError(f"{args.plan} is an adapted plan: pass --adapter DIR (the adapter `ilc adapt` wrote); "
+                              "the full model and the baselines run on the base weights")
+        if not args.methods:  # the plan runs in the mode it was adapted for
+            methods = [m for m in methods if not (METHODS[m].mode and METHODS[m].mode != plan.adapted.mode)]
+    elif args.adapter:
+        raise OptionError(f"--adapter: {args.plan} has no adapted: section (pass the plan `ilc adapt` wrote)")
     tasks = ["niah", *RULER_TASKS] if args.all else [t for group in args.task for t in
                                                      (RULER_TASKS if group == "ruler" else [group])]
     want_ppl = "ppl" in tasks or args.all
@@ -107,13 +153,20 @@ def _eval(args) -> int:
     plan, tasks, methods, config, want_ppl = eval_request(args)
     haystack = read_documents([args.haystack]) if args.haystack else None
     model, tokenizer, source = load_model(args.model or plan.model.name, args.device)
+    adapted_model = None
+    if plan.adapted is not None:  # a second copy of the weights, with the adapter merged, runs the plan itself
+        from ilc.runtime import remove_plan
+
+        adapted_model = plan.apply(load_model(args.model or plan.model.name, args.device)[0], adapter=args.adapter)
+        remove_plan(adapted_model)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if tasks:
         from .evaluate import build_samples
 
         samples = build_samples(tasks, tokenizer, config, haystack)
         write_prompts(samples, args.out, weights_dir(source))
-        records = run(model, tokenizer, plan, methods, samples, args.out, config.max_new_tokens)
+        records = run(model, tokenizer, plan, methods, samples, args.out, config.max_new_tokens,
+                      adapted_model=adapted_model)
         if args.peers:
             from .evaluate import merge_peers, read_peer_records
 
@@ -137,7 +190,7 @@ def _eval(args) -> int:
         docs = read_documents(args.data) if args.data else (haystack or default_corpus())
         length = max(config.lengths)
         ids = pack(docs, tokenizer, length, 1).samples
-        ppl = run_perplexity(model, plan, methods, ids, args.out)
+        ppl = run_perplexity(model, plan, methods, ids, args.out, adapted_model)
         text = format_perplexity(ppl, f"Perplexity by position, one {length}-token text "
                                       f"({', '.join(args.data) if args.data else args.haystack or 'embedded corpus'})")
         Path(args.out, "perplexity.md").write_text(text + "\n")
@@ -258,6 +311,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help=f"seed of the retrieval samples, {r('seed')} (default 0)")
     c.set_defaults(func=_calibrate)
 
+    a = sub.add_parser("adapt", help="train LoRA adapters so that the model keeps its quality under a plan "
+                       "(self-distillation from the full model)")
+    a.add_argument("model", nargs="?", default="smollm2-135m", help="the model the plan was calibrated for")
+    a.add_argument("--plan", required=True, help="the plan to adapt the model to")
+    a.add_argument("--data", nargs="+", help="training text: .txt files, directories, .jsonl (default: the embedded "
+                   "corpus; use more text than the token budget needs)")
+    a.add_argument("--out", required=True, help="output directory: adapter/, plan.yaml (adapted), checkpoint.pt")
+    a.add_argument("--tokens", type=int, default=65536, help=f"training tokens, {r('tokens')} (default 65536)")
+    a.add_argument("--seq-len", type=int, default=2048, help=f"tokens per training sequence, {r('seq_len')} "
+                   "(default 2048; longer than the plan's window, so that sharing matters)")
+    a.add_argument("--lr", type=float, default=2e-4, help=f"learning rate, {r('lr')} (default 2e-4)")
+    a.add_argument("--rank", type=int, default=8, help=f"LoRA rank, {r('rank')} (default 8)")
+    a.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="projections that get LoRA")
+    a.add_argument("--layers", choices=["changed", "all"], default="changed",
+                   help="changed: layers with follower or streaming heads and their anchors (default); all")
+    a.add_argument("--mode", choices=["scores", "keys"], help="sharing mode to train (default: the plan's)")
+    a.add_argument("--retrieval-share", type=float, default=0.5, help=f"share of samples with planted facts "
+                   f"recalled later, {r('retrieval_share')} (default 0.5)")
+    a.add_argument("--proximal-weight", type=float, default=0.1, help=f"loss weight of positions the plan does not "
+                   f"change (within the proximal window), {r('proximal_weight')} (default 0.1)")
+    a.add_argument("--lm-weight", type=float, default=0.0, help=f"weight of the next-token loss beside the KL, "
+                   f"{r('lm_weight')} (default 0)")
+    a.add_argument("--checkpoint-every", type=int, default=20, help=f"steps between checkpoints, "
+                   f"{r('checkpoint_every')} (default 20)")
+    a.add_argument("--resume", action="store_true", help="continue the run in --out (also with a larger --tokens)")
+    a.add_argument("--merge", action="store_true", help="also write merged weights to OUT/merged")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--seed", type=int, default=0, help=f"seed of the LoRA init and the sample order, {r('seed')}")
+    a.set_defaults(func=_adapt)
+
     i = sub.add_parser("inspect", help="explain a plan: kinds, blocks, windows, savings by context, plots")
     i.add_argument("plan")
     i.add_argument("--context", type=int, help=f"context length to price, {r('context')} (default: the model's maximum)")
@@ -282,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", help="comma list (default all): " + ", ".join(_method_names()))
     e.add_argument("--haystack", help="directory of texts (default: the embedded corpus)")
     e.add_argument("--model", help="model to load (default: the plan's model name)")
+    e.add_argument("--adapter", help="an adapted plan's adapter directory (from `ilc adapt`): the plan runs on the "
+                   "weights with it merged, the full model and the baselines on the base weights")
     e.add_argument("--device", default="cpu")
     e.add_argument("--limit", type=int, help=f"at most this many samples per task, {r('limit')}")
     e.add_argument("--max-new-tokens", type=int, default=32, help=f"answer tokens, {r('max_new_tokens')} (default 32)")

@@ -137,13 +137,14 @@ class RetrievalSample:
 
 
 def retrieval_samples(tokenizer, docs: list[Document], seq_len: int, count: int, rows: int = 32,
-                      seed: int = 0, facts: int = 6) -> list[RetrievalSample]:
+                      seed: int = 0, facts: int = 6, off_switch: str = "--retrieval-samples 0") -> list[RetrievalSample]:
     """`count` samples of corpus prose with `facts` planted key-value facts ("The pass key of <word> is <7
     digits>.") in the first three quarters, and at the end every fact recalled plus a copy of an early passage.
 
     Prose alone rarely makes a head reach far back, so heads that retrieve look streaming on it (DuoAttention
     calibrates on synthetic passkeys for the same reason). The recorded rows are the recall and copy positions:
-    the tokens that predict a planted digit or the next token of the copied passage."""
+    the tokens that predict a planted digit or the next token of the copied passage. `off_switch`: the option
+    that turns these samples off, named in errors."""
     import random
 
     if count <= 0:
@@ -152,15 +153,14 @@ def retrieval_samples(tokenizer, docs: list[Document], seq_len: int, count: int,
     words = sorted({w for d in docs for w in d.text.split() if w.isalpha() and 5 <= len(w) <= 10 and w.islower()})
     if len(words) < facts or len(stream) < seq_len // 2:
         raise CalibrationDataError(f"the calibration text is too short to build retrieval samples of {seq_len} "
-                                   "tokens; add text, lower --seq-len or pass --retrieval-samples 0")
+                                   f"tokens; add text, lower --seq-len or pass {off_switch}")
     rng = random.Random(seed)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     copy_len = max(4, min(48, seq_len // 16))
     per_fact = 2 * len(encode(f" The pass key of {words[0]} is 1234567. ")) + 4
     facts = min(facts, (seq_len // 2 - copy_len) // per_fact)  # facts, recalls and copy take at most half
     if facts < 1:
-        raise CalibrationDataError(f"--seq-len {seq_len} is too short for retrieval samples "
-                                   "(use --retrieval-samples 0)")
+        raise CalibrationDataError(f"--seq-len {seq_len} is too short for retrieval samples (use {off_switch})")
     out = []
     for n in range(count):
         pairs = [(rng.choice(words), "".join(rng.choice("0123456789") for _ in range(7))) for _ in range(facts)]

@@ -37,6 +37,7 @@ class Method:
     description: str
     plan_for: Callable[[Plan, int], Plan | None]  # (plan under test, context) -> plan to apply; None = dense
     mode: str | None = None  # override of the plan's mode
+    runs_plan: bool = False  # runs the plan under test itself (on the adapted weights when the plan is adapted)
 
     def apply(self, model, plan: Plan, context: int) -> None:
         chosen = self.plan_for(plan, context)
@@ -50,9 +51,10 @@ class Method:
 
 METHODS = {m.name: m for m in (
     Method("full", "the uncompressed model (dense cache)", lambda plan, n: None),
-    Method("plan", "the plan, scores mode (training-free)", lambda plan, n: plan),
+    Method("plan", "the plan in its own mode (scores: training-free; adapted plans on their adapted weights)",
+           lambda plan, n: plan, runs_plan=True),
     Method("plan-keys", "the plan in keys mode (own query on the anchor's keys; for adapted models)",
-           lambda plan, n: plan, mode="keys"),
+           lambda plan, n: plan, mode="keys", runs_plan=True),
     Method("streaming", "StreamingLLM with the plan's sinks and window (distant tokens dropped)",
            lambda plan, n: streaming_plan(plan, plan.window)),
     Method("streaming-equal", "StreamingLLM with the window enlarged to the plan's bytes",
@@ -107,15 +109,17 @@ def build_samples(tasks: list[str], tokenizer, config: EvalConfig, haystack: lis
 
 
 @contextmanager
-def applied(method: str, model, plan: Plan, context: int):
-    """Run `model` as `method` inside the block; restores it after."""
+def applied(method: str, model, plan: Plan, context: int, adapted_model=None):
+    """Run `method` inside the block on the model it yields: `adapted_model` (the weights with an adapted plan's
+    adapter merged) for the methods that run the plan under test, else `model`; restores it after."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    METHODS[method].apply(model, plan, context)
+    chosen = adapted_model if adapted_model is not None and METHODS[method].runs_plan else model
+    METHODS[method].apply(chosen, plan, context)
     try:
-        yield
+        yield chosen
     finally:
-        Method.undo(model)
+        Method.undo(chosen)
 
 
 def kv_bytes(cache) -> int:
@@ -232,9 +236,9 @@ def _read_records(path: Path) -> dict:
 
 
 def run(model, tokenizer, plan: Plan, methods: list[str], samples: list[TaskSample], out_dir: str | Path,
-        max_new_tokens: int = 32, progress: bool = True) -> list[dict]:
+        max_new_tokens: int = 32, progress: bool = True, adapted_model=None) -> list[dict]:
     """Evaluate every method on every sample, appending to out_dir/results.jsonl (resumable: a record is reused
-    only if it was made with the same settings, see `record_settings`)."""
+    only if it was made with the same settings, see `record_settings`). An adapted plan runs on `adapted_model`."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise OptionError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -257,8 +261,8 @@ def run(model, tokenizer, plan: Plan, methods: list[str], samples: list[TaskSamp
             f.write("\n")  # the last run stopped mid-line: start the next record on a line of its own
     with path.open("a") as f, tqdm(total=len(todo), desc="evaluating", disable=not progress) as bar:
         for method, sample, settings in todo:
-            with applied(method, model, plan, sample.input_ids.shape[1]):
-                res = generate_greedy(model, tokenizer, sample.input_ids, max_new_tokens)
+            with applied(method, model, plan, sample.input_ids.shape[1], adapted_model) as chosen:
+                res = generate_greedy(chosen, tokenizer, sample.input_ids, max_new_tokens)
             rec = dict(key=record_key(method, sample), method=method, task=sample.task, length=sample.length,
                        depth=sample.depth, seed=sample.meta.get("seed"), answers=list(sample.answers),
                        score=score(res["text"], sample.answers, sample.rule), settings=settings, **res)
@@ -280,13 +284,14 @@ def perplexity_by_position(model, input_ids: torch.Tensor) -> list[float]:
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
 
 
-def run_perplexity(model, plan: Plan, methods: list[str], input_ids: torch.Tensor, out_dir: str | Path) -> dict:
+def run_perplexity(model, plan: Plan, methods: list[str], input_ids: torch.Tensor, out_dir: str | Path,
+                   adapted_model=None) -> dict:
     """Perplexity per position bucket for each method on one long text (does loss rise where distant tokens
     matter?). Writes out_dir/perplexity.json and returns {method: {bucket: ppl}}."""
     out = {}
     for method in methods:
-        with applied(method, model, plan, input_ids.shape[1]):
-            nll = perplexity_by_position(model, input_ids)
+        with applied(method, model, plan, input_ids.shape[1], adapted_model) as chosen:
+            nll = perplexity_by_position(chosen, input_ids)
         buckets = {}
         for lo, hi in zip(PPL_BUCKETS, PPL_BUCKETS[1:]):
             part = nll[lo:hi]

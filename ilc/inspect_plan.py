@@ -55,6 +55,12 @@ def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, ba
                      f"{sel.window} tokens + the best {sel.keep:.0%} of the others (scored by the last "
                      f"{sel.observation} prompt queries); followers keep their anchor's tokens, streaming heads are "
                      "unaffected; tokens after the prompt are all kept")
+    if plan.adapted:
+        a = plan.adapted
+        lines.append(f"adapted: LoRA rank {a.rank} on {', '.join(a.targets)} of {len(a.layers)} layers, {a.mode} mode, "
+                     f"{a.tokens} tokens ({a.steps} steps), distillation loss {a.loss_initial:.4f} -> "
+                     f"{a.loss_final:.4f}; runs only with adapter {a.adapter} "
+                     "(plan.apply(model, adapter=DIR), or the merged weights)")
     lines.append("")
     lines.append("kind per layer and KV head (F full, f follower, s streaming):")
     table = plan.head_table()

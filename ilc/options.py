@@ -56,6 +56,15 @@ RANGES = {
     "selection_window": Range(1),
     "retrieval_samples": Range(0),
     "seed": Range(0),
+    # ilc adapt
+    "tokens": Range(1),
+    "lr": Range(0, 1, lo_open=True),
+    "rank": Range(1),
+    "retrieval_share": Range(0, 1, hi_open=True),
+    "proximal_weight": Range(0, 1),
+    "lm_weight": Range(0),
+    "warmup_steps": Range(0),
+    "checkpoint_every": Range(1),
     # ilc inspect
     "context": Range(1),
     "batch": Range(1),

@@ -20,9 +20,11 @@ from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
+from .adapter import check_adapter, merge_adapter
 from .architectures import check_supported, model_signature, text_config
 from .attention import ATTENTION_NAME, pod_attention, pod_mask
 from .cache import PoDCache
+from .sequence import SEQUENCE_KWARG
 from .static_cache import StaticPoDCache
 from .plan import Plan, PlanError, check_runtime_options
 
@@ -32,7 +34,8 @@ class QualityWarning(UserWarning):
 
 
 KEYS_MODE_WARNING = ("keys mode (own query on the anchor's keys) needs weights adapted to the plan; on unadapted "
-                     "weights the output degenerates (repetition). No adapter is recorded in this plan: use scores mode.")
+                     "weights the output degenerates (repetition). No adapter is recorded in this plan: use scores "
+                     "mode, or adapt the model with `ilc adapt --mode keys` and run the plan it writes.")
 
 
 def check_cache_options(mode, skip_threshold, kernels) -> None:
@@ -82,21 +85,28 @@ def check_plan_matches(plan: Plan, model, strict: bool = True) -> None:
 
 
 def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: float | None = None,
-               strict: bool = True, kernels: bool | None = None):
+               strict: bool = True, kernels: bool | None = None, adapter: str | None = None):
     """Make `model` run with `plan`'s compressed cache; returns `model`. Undo with `remove_plan(model)`.
 
     mode / skip_threshold override the plan's; strict=False accepts other weights with the same config;
-    kernels: None uses the Triton kernels on CUDA and the PyTorch reference elsewhere, True/False forces.
+    kernels: None uses the Triton kernels on CUDA and the PyTorch reference elsewhere, True/False forces;
+    adapter: the directory `ilc adapt` wrote for an adapted plan, merged into the model's weights (in place, once;
+    `remove_plan` leaves the merged weights).
     """
     check_plan_matches(plan, model, strict=strict)
     mode = mode or plan.mode
     check_cache_options(mode, skip_threshold, kernels)
-    if mode == "keys":
+    if plan.adapted is not None and mode != plan.adapted.mode:
+        raise PlanError(f"this plan's adapter was trained for {plan.adapted.mode!r} mode; it cannot run {mode!r}")
+    to_merge = check_adapter(plan, model, adapter)
+    if mode == "keys" and plan.adapted is None:
         warnings.warn(KEYS_MODE_WARNING, QualityWarning, stacklevel=3)
     if getattr(model, "_ilc_applied", None) is not None:
         remove_plan(model)
     register_attention()
     _own_config(model)
+    if to_merge is not None:
+        merge_adapter(model, adapter, to_merge)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     max_context = getattr(text_config(model.config), "max_position_embeddings", None)
@@ -107,6 +117,8 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
         if module.config._attn_implementation != ATTENTION_NAME:
             raise PlanError(f"an ilc plan is applied, but the attention implementation was changed to "
                             f"{module.config._attn_implementation!r}; call ilc.runtime.remove_plan(model) first")
+        if kwargs.get(SEQUENCE_KWARG) is not None:  # a whole-sequence forward (training): no cache at all
+            return args, _sequence_kwargs(args, kwargs, max_context)
         cache = kwargs.get("past_key_values")
         if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
             cache = applied.new_cache()
@@ -137,6 +149,21 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
     applied.hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
     model._ilc_applied = applied
     return model
+
+
+def _sequence_kwargs(args: tuple, kwargs: dict, max_context: int | None) -> dict:
+    """Checks of a forward that carries a `SequenceForward`: no cache, unpadded rows within the model's context."""
+    if kwargs.get("past_key_values") is not None:
+        raise PlanError(f"{SEQUENCE_KWARG}: a whole-sequence forward takes no cache (past_key_values)")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.bool().all()):
+        raise PlanError(f"{SEQUENCE_KWARG}: a whole-sequence forward takes unpadded rows only")
+    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    tokens = tokens if tokens is not None or not args else args[0]
+    if max_context and tokens is not None and tokens.shape[1] > max_context:
+        raise PlanError(f"context of {tokens.shape[1]} tokens exceeds the model's limit of {max_context} "
+                        "(max_position_embeddings); nothing was computed")
+    return {**kwargs, "use_cache": False}
 
 
 def _own_config(model) -> None:

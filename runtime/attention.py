@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import PoDKeys, PoDLayer
+from .sequence import SEQUENCE_KWARG, sequence_attention
 from .static_cache import StaticStep
 
 ATTENTION_NAME = "ilc_pod"
@@ -29,6 +30,12 @@ _QUERY_CHUNK_ELEMENTS = 1 << 25  # logits per SDPA call (B * heads * queries * k
 
 def pod_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: returns ([B, q, Hq, D], None)."""
+    if dropout:
+        raise RuntimeError("ilc's PoD attention does not support attention dropout")
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    sequence = kwargs.get(SEQUENCE_KWARG)
+    if sequence is not None:  # a whole-sequence forward without a cache (training: `ilc.runtime.sequence`)
+        return sequence_attention(module.layer_idx, query, key, value, scaling, sequence).transpose(1, 2), None
     static = isinstance(key, StaticStep)
     if not static and not isinstance(key, PoDKeys):
         raise RuntimeError(
@@ -36,11 +43,8 @@ def pod_attention(module, query, key, value, attention_mask=None, scaling=None, 
             f"cache that is not the plan's (got keys of type {type(key).__name__}). Pass no cache, or "
             "`past_key_values=plan.new_cache(model)`, or call `ilc.runtime.remove_plan(model)` first."
         )
-    if dropout:
-        raise RuntimeError("ilc's PoD attention is for inference; dropout is not supported")
     layer = key.layer
     state = key.state
-    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if state.mode == "scores" and layer.layer_idx in layer.cache.last_reader:
         state.queries[layer.layer_idx] = query
     if state.selection is not None and not state.selected and layer.anchor_heads:  # the scorers' last queries

@@ -7,7 +7,8 @@ A plan says, per KV head, how its layers are split into blocks of consecutive la
 - a *streaming* block: each of its layers keeps K and V only for the sinks and its own recent ``window``
   (DuoAttention's streaming heads); distant tokens are dropped for that head.
 `head_table()` turns the blocks into one `HeadSpec` per (layer, KV head) (kind full / follower / streaming).
-An optional ``selection:`` section (`Selection`) adds SnapKV-style token selection at the end of prefill.
+An optional ``selection:`` section (`Selection`) adds SnapKV-style token selection at the end of prefill; an
+optional ``adapted:`` section (`Adaptation`, written by `ilc adapt`) says that the plan runs on adapted weights.
 
 The file is versioned YAML (``format: ilc-plan/2``; ``ilc-plan/1`` files, which have shared blocks only, load
 unchanged) and is validated on load: every rejection names the file and the field, and unknown keys are rejected
@@ -75,6 +76,23 @@ class ModelSignature:
 
 
 @dataclass(frozen=True)
+class Adaptation:
+    """The ``adapted:`` section: `ilc adapt` trained a LoRA adapter so that the planned model matches the full one.
+    `Plan.apply` refuses to run this plan without that adapter, and the adapter without this plan."""
+
+    adapter: str  # digest of the adapter's tensors (`ilc.runtime.adapter.adapter_fingerprint`)
+    base_weights: str  # weights fingerprint of the model the adapter was trained on (= model.weights_fingerprint)
+    mode: str  # sharing mode trained (scores / keys); the plan's sharing.mode is the same
+    tokens: int  # training tokens seen
+    steps: int
+    rank: int  # LoRA rank
+    targets: tuple[str, ...]  # adapted projections (q_proj, ...)
+    layers: tuple[int, ...]  # layers whose projections carry the adapter
+    loss_initial: float  # distillation loss (KL to the full model) on held-apart samples, before training
+    loss_final: float  # the same after training
+
+
+@dataclass(frozen=True)
 class Plan:
     """A validated compression plan. Build it with `load_plan` or from the compiler; it is immutable."""
 
@@ -90,6 +108,7 @@ class Plan:
     similarity: dict = field(default_factory=dict)  # banded similarity matrix per KV head, for `ilc inspect`
     extensions: dict = field(default_factory=dict)  # other tools' data, kept as written (`extensions:`)
     selection: Selection | None = None  # token selection at the end of prefill (`selection:`)
+    adapted: Adaptation | None = None  # the weights this plan runs on were adapted to it (`adapted:`)
 
     def __post_init__(self):
         _validate(self, source="plan")
@@ -216,6 +235,7 @@ class Plan:
             "windows": {"sinks": self.sinks, "window": self.window},
             "sharing": {"mode": self.mode, "skip_threshold": self.skip_threshold, "blocks": block_section},
             **({"selection": asdict(self.selection)} if self.selection else {}),
+            **({"adapted": _adaptation_to_yaml(self.adapted)} if self.adapted else {}),
             "criterion": dict(self.criterion),
             "calibration": dict(self.calibration),
             "estimated_savings": {c: round(self.estimated_saving(c), 4) for c in DEFAULT_REPORT_CONTEXTS},
@@ -254,7 +274,7 @@ def load_plan(path: str | Path) -> Plan:
     return plan_from_dict(raw, source=str(path))
 
 
-TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "criterion", "calibration", "estimated_savings",
+TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "adapted", "criterion", "calibration", "estimated_savings",
                   "distance_curve", "similarity", "extensions")
 
 
@@ -308,9 +328,11 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         types = {"scorer": str, "window": int, "pool": int}  # optional: Selection's defaults where absent
         selection = Selection(keep=sel.get("keep", float),
                               **{k: sel.get(k, t) for k, t in types.items() if sel.raw.get(k) is not None})
+    adapted = _parse_adaptation(r.section("adapted"), fmt) if "adapted" in r.raw else None
     plan_kwargs = dict(
         model=model,
         selection=selection,
+        adapted=adapted,
         sinks=w.get("sinks", int, minimum=0),
         window=w.get("window", int, minimum=1),
         blocks=heads,
@@ -326,6 +348,27 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         return Plan(**plan_kwargs)
     except PlanError as exc:
         raise PlanError(str(exc).replace("plan:", f"{source}:", 1)) from None
+
+
+def _parse_adaptation(a: "_Reader", fmt: str) -> Adaptation:
+    if fmt == "ilc-plan/1":
+        raise PlanError(f"{a.source}: adapted: not part of format ilc-plan/1 (write format: {FORMAT})")
+    a.only([f.name for f in fields(Adaptation)])
+    targets, layers = tuple(a.get("targets", list)), tuple(a.get("layers", list))
+    if not all(isinstance(t, str) for t in targets) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in layers):
+        raise PlanError(f"{a.source}: adapted.targets / adapted.layers: expected lists of names / layer numbers")
+    return Adaptation(adapter=a.get("adapter", str), base_weights=a.get("base_weights", str), mode=a.get("mode", str),
+                      tokens=a.get("tokens", int, minimum=0), steps=a.get("steps", int, minimum=0),
+                      rank=a.get("rank", int, minimum=1), targets=targets, layers=layers,
+                      loss_initial=a.get("loss_initial", float), loss_final=a.get("loss_final", float))
+
+
+def _adaptation_to_yaml(a: Adaptation) -> dict:
+    out = asdict(a)
+    out["targets"], out["layers"] = _Flow(a.targets), _Flow(a.layers)
+    out["loss_initial"], out["loss_final"] = round(a.loss_initial, 6), round(a.loss_final, 6)
+    return out
 
 
 def config_fingerprint(config) -> str:
@@ -376,6 +419,8 @@ def _validate(plan: Plan, source: str) -> None:
         raise PlanError(f"{source}: windows: sinks must be >= 0 and window >= 1 (got {plan.sinks}, {plan.window})")
     if plan.selection is not None:
         _validate_selection(plan, f"{source}: selection.")
+    if plan.adapted is not None:
+        _validate_adaptation(plan, f"{source}: adapted.")
     if len(plan.blocks) != m.num_kv_heads:
         raise PlanError(f"{source}: sharing.blocks: {len(plan.blocks)} KV heads given, model has {m.num_kv_heads}")
     for h, blocks in enumerate(plan.blocks):
@@ -416,6 +461,19 @@ def _validate_selection(plan: Plan, where: str) -> None:
     if plan.kind_counts()["follower"] and sel.window < plan.window:
         raise PlanError(f"{where}window {sel.window} is below windows.window {plan.window}: followers need the values "
                         "of their whole proximal window, so selection must keep at least that many recent tokens")
+
+
+def _validate_adaptation(plan: Plan, where: str) -> None:
+    a = plan.adapted
+    if a.mode != plan.mode:
+        raise PlanError(f"{where}mode: the adapter was trained for {a.mode!r} mode, the plan runs {plan.mode!r}")
+    if plan.model.weights_fingerprint and a.base_weights != plan.model.weights_fingerprint:
+        raise PlanError(f"{where}base_weights {a.base_weights} is not the plan's model.weights_fingerprint "
+                        f"{plan.model.weights_fingerprint}")
+    bad = [x for x in a.layers if not 0 <= x < plan.num_layers]
+    if bad or not a.targets:
+        raise PlanError(f"{where}layers {list(a.layers)} / targets {list(a.targets)}: layers must exist "
+                        f"(0..{plan.num_layers - 1}) and targets be named")
 
 
 def _parse_blocks(items: Any, where: str, streaming_ok: bool = True) -> tuple[Block, ...]:

@@ -15,9 +15,10 @@ from ilc.runtime import Plan, model_signature  # noqa: E402
 from ilc.runtime.plan import blocks_from_layers, streaming_block  # noqa: E402
 
 
-def tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=8, vocab=97, max_pos=512, seed=0):
+def tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=8, vocab=97, max_pos=512, seed=0, init_range=0.02):
+    """A random Llama; a larger `init_range` gives peaked attention and next-token distributions."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = LlamaConfig(initializer_range=init_range,
         vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=max_pos,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
@@ -25,6 +26,15 @@ def tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=8, vocab=97, max_pos=512,
     model = LlamaForCausalLM(cfg).eval()
     model.set_attn_implementation("sdpa")
     return model
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for calibration and adaptation: characters -> ids below the tiny vocab."""
+
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + (ord(c) % 90) for c in text]}
 
 
 def make_plan(model, groups, sinks=2, window=4, mode="scores", per_head=None, skip_threshold=None):

@@ -10,16 +10,7 @@ from ilc.options import OptionError
 from ilc.data import CalibrationDataError, default_corpus, load_calibration_set
 from ilc.runtime import load_plan
 
-from conftest import tiny_llama
-
-
-class CharTokenizer:
-    """Enough of a tokenizer for calibration: bytes -> ids below the tiny vocab."""
-
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + (ord(c) % 90) for c in text]}
+from conftest import CharTokenizer, tiny_llama
 
 
 def run(tmp_path=None, **kw):

@@ -78,3 +78,26 @@ def test_committed_plan_retrieves_a_4k_needle_and_saves_measured_bytes(smollm2):
     estimate = plan.kv_bytes(tokens, dtype_bytes=4)[1]
     assert estimate <= report.held <= 1.02 * estimate
     assert report.held < report.dense
+
+
+def test_adapt_runs_on_the_real_model_and_serves_what_it_trained(tmp_path):
+    """`ilc adapt` end to end on SmolLM2 (two short steps of the committed PoD plan in keys mode, the embedded
+    corpus): the adapted plan and its adapter load through the runtime and give the training forward's logits."""
+    from ilc.adapt import AdaptConfig, adapt
+    from ilc.runtime.sequence import SequenceForward
+
+    model, tokenizer, _ = load_model("smollm2-135m")  # its own copy: adapt leaves LoRA layers in it
+    plan = load_plan(PLAN.with_name("smollm2-135m-pod-30pct.yaml"))
+    config = AdaptConfig(tokens=2 * 1024, seq_len=1024, lr=1e-3, mode="keys", checkpoint_every=1)
+    result = adapt(model, tokenizer, plan, config, tmp_path / "run", progress=False)
+    adapted = load_plan(tmp_path / "run" / "plan.yaml")
+    assert adapted.mode == "keys" and adapted.adapted.steps == 2 and all(map(torch.isfinite, map(torch.tensor,
+                                                                                                   result.losses)))
+    ids = tokenizer("It is a truth universally acknowledged " * 120, return_tensors="pt").input_ids[:, :800]
+    with torch.no_grad():
+        trained = model(ids, ilc_sequence=SequenceForward.for_plan(adapted)).logits
+    served_model, _, _ = load_model("smollm2-135m")
+    adapted.apply(served_model, adapter=tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        served = served_model(ids).logits
+    torch.testing.assert_close(served, trained, atol=2e-4, rtol=1e-4)

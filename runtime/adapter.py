@@ -1,0 +1,90 @@
+"""Adapters trained by `ilc adapt`, as serving code loads them: a peft LoRA directory merged into the weights.
+
+`ilc adapt` writes the adapter in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``) and
+a copy of the plan with an ``adapted:`` section naming the adapter's digest. At serving time
+`plan.apply(model, adapter=DIR)` merges the adapter into the model's weights (no extra compute per token) and
+marks the model's config with the digest (``config.ilc_adapter``); weights saved after merging (`ilc adapt
+--merge`) carry the same mark, so loading them is enough. `check_adapter` is the one rule, both ways: an adapted
+plan runs only on weights carrying its adapter, and weights carrying an adapter run only its plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .plan import Plan, PlanError
+
+ADAPTER_MARK = "ilc_adapter"  # config attribute: digest of the adapter merged into these weights
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_fingerprint(directory: str | Path) -> str:
+    """A digest of the adapter's tensors (names, dtypes, shapes and bytes), independent of file metadata."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise PlanError(f"adapter {directory}: no {ADAPTER_WEIGHTS} (expected the adapter directory `ilc adapt` "
+                        "wrote)")
+    tensors = load_file(str(path))
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def carried_adapter(model) -> str | None:
+    """Digest of the ilc adapter merged into `model`'s weights, or None."""
+    return getattr(model.config, ADAPTER_MARK, None)
+
+
+def unmerged_lora(model) -> bool:
+    """The model holds LoRA layers that are not merged (e.g. a peft model in training)."""
+    return any(hasattr(module, "lora_A") for module in model.modules())
+
+
+def check_adapter(plan: Plan, model, adapter: str | Path | None) -> str | None:
+    """Raise `PlanError` unless `plan`, `model` and `adapter` (a directory or None) belong together. Returns the
+    adapter's digest when it still has to be merged, else None."""
+    carried = carried_adapter(model)
+    if unmerged_lora(model):
+        raise PlanError("this model holds unmerged LoRA layers; merge them first (peft's merge_and_unload) or pass "
+                        "the adapter directory as plan.apply(model, adapter=DIR)")
+    if plan.adapted is None:
+        if adapter is not None:
+            raise PlanError(f"adapter={adapter}: this plan has no adapted: section; pass the plan that `ilc adapt` "
+                            "wrote next to the adapter")
+        if carried is not None:
+            raise PlanError(f"this model carries the ilc adapter {carried}; run the adapted plan `ilc adapt` wrote "
+                            "for it, not an unadapted one")
+        return None
+    want = plan.adapted.adapter
+    if adapter is None:
+        if carried != want:
+            raise PlanError(f"this plan was adapted (adapter {want}) but the model "
+                            + (f"carries another adapter ({carried})" if carried else "carries none")
+                            + ": pass plan.apply(model, adapter=DIR) with the adapter `ilc adapt` wrote, or load "
+                              "the merged weights it wrote (--merge)")
+        return None
+    got = adapter_fingerprint(adapter)
+    if got != want:
+        raise PlanError(f"adapter {adapter} ({got}) is not the adapter this plan was adapted with ({want})")
+    if carried == want:
+        return None  # already merged (applied before, or merged weights loaded)
+    if carried is not None:
+        raise PlanError(f"this model already carries another ilc adapter ({carried}); load the base weights")
+    return got
+
+
+def merge_adapter(model, adapter: str | Path, fingerprint: str):
+    """Merge the LoRA adapter in `adapter` into `model`'s weights in place and mark the config; returns `model`."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    setattr(merged.config, ADAPTER_MARK, fingerprint)
+    return merged
