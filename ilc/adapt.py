@@ -215,27 +215,17 @@ def adapt(model, tokenizer, plan: Plan, config: AdaptConfig, out: str | Path, do
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
-    step, losses, kls = 0, [], []
+    step, losses, kls, validation_initial = 0, [], [], None
     if resume:
-        try:
-            state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
-        except Exception as exc:  # a truncated or foreign file
-            raise OptionError(f"--resume: {out / CHECKPOINT} is not a readable checkpoint ({exc})") from None
-        for key, value in identity.items():
-            if state["identity"][key] != value:
-                raise OptionError(f"--resume: the run in {out} was made with another {key} "
-                                  f"({state['identity'][key]} != {value}); only --tokens may change")
-        if state["step"] > config.steps:
-            raise OptionError(f"--resume: the run in {out} already trained {state['step']} steps, more than "
-                              f"--tokens {config.tokens} allows ({config.steps})")
+        state = _read_checkpoint(out, identity, config, device)
         set_peft_model_state_dict(peft_model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, losses, kls = state["step"], state["losses"], state["kls"]
+        validation_initial = state["validation_initial"]
 
     weights = torch.full((config.seq_len,), config.proximal_weight, device=device)
     weights[first_changed_position(student_plan):] = 1.0
-    start_step, t0 = step, time.perf_counter()
 
     def save_checkpoint():
         tmp = out / (CHECKPOINT + ".tmp")
@@ -246,9 +236,6 @@ def adapt(model, tokenizer, plan: Plan, config: AdaptConfig, out: str | Path, do
         os.replace(tmp, out / CHECKPOINT)
         _write_log(out, losses, kls, config.seq_len)
 
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=config.steps * config.seq_len, initial=step * config.seq_len, unit="tok", unit_scale=True,
-               desc="adapting", disable=not progress)
     def step_loss(ids):
         with torch.no_grad(), peft_model.disable_adapter():
             teacher = peft_model(input_ids=ids, use_cache=False, ilc_sequence=SequenceForward.dense()).logits
@@ -261,10 +248,12 @@ def adapt(model, tokenizer, plan: Plan, config: AdaptConfig, out: str | Path, do
         with torch.no_grad():
             return sum(step_loss(v[None].to(device))[0].item() for v in validation) / len(validation)
 
-    if not resume:
+    out.mkdir(parents=True, exist_ok=True)
+    if validation_initial is None:
         validation_initial = validation_loss()
-    else:
-        validation_initial = state["validation_initial"]
+    bar = tqdm(total=config.steps * config.seq_len, initial=step * config.seq_len, unit="tok", unit_scale=True,
+               desc="adapting", disable=not progress)
+    start_step, t0 = step, time.perf_counter()
     while step < config.steps:
         loss, kl = step_loss(pool[order[step]][None].to(device))
         kl = kl.detach()
@@ -291,7 +280,7 @@ def adapt(model, tokenizer, plan: Plan, config: AdaptConfig, out: str | Path, do
     _replace_dir(out / ADAPTER_DIR, lambda tmp: peft_model.save_pretrained(str(tmp)))
     digest = adapter_fingerprint(out / ADAPTER_DIR)
     adapted = student_plan.with_options(adapted=Adaptation(
-        adapter=digest, base_weights=plan.model.weights_fingerprint or base_weights, mode=mode,
+        adapter=digest, base_weights=base_weights, mode=mode,
         tokens=step * config.seq_len, steps=step, rank=config.rank, targets=tuple(config.targets),
         layers=tuple(layers), loss_initial=validation_initial, loss_final=validation_final))
     model.gradient_checkpointing_disable()
@@ -309,6 +298,22 @@ def _save_model(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(str(folder))
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(folder))
+
+
+def _read_checkpoint(out: Path, identity: dict, config: AdaptConfig, device) -> dict:
+    """The checkpoint in `out`, refused unless it belongs to this run (same identity, no more steps than allowed)."""
+    try:
+        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise OptionError(f"--resume: {out / CHECKPOINT} is not a readable checkpoint ({exc})") from None
+    for key, value in identity.items():
+        if state["identity"][key] != value:
+            raise OptionError(f"--resume: the run in {out} was made with another {key} "
+                              f"({state['identity'][key]} != {value}); only --tokens may change")
+    if state["step"] > config.steps:
+        raise OptionError(f"--resume: the run in {out} already trained {state['step']} steps, more than "
+                          f"--tokens {config.tokens} allows ({config.steps})")
+    return state
 
 
 def _plan_digest(plan: Plan) -> str:

@@ -85,13 +85,13 @@ def check_plan_matches(plan: Plan, model, strict: bool = True) -> None:
 
 
 def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: float | None = None,
-               strict: bool = True, kernels: bool | None = None, adapter: str | None = None):
+               strict: bool = True, kernels: bool | None = None, adapter=None):
     """Make `model` run with `plan`'s compressed cache; returns `model`. Undo with `remove_plan(model)`.
 
     mode / skip_threshold override the plan's; strict=False accepts other weights with the same config;
     kernels: None uses the Triton kernels on CUDA and the PyTorch reference elsewhere, True/False forces;
-    adapter: the directory `ilc adapt` wrote for an adapted plan, merged into the model's weights (in place, once;
-    `remove_plan` leaves the merged weights).
+    adapter: the directory (str or Path) `ilc adapt` wrote for an adapted plan, merged into the model's weights
+    (in place, once; `remove_plan` leaves the merged weights).
     """
     check_plan_matches(plan, model, strict=strict)
     mode = mode or plan.mode

@@ -272,3 +272,17 @@ def test_eval_runs_an_adapted_plan_on_its_adapted_weights(tmp_path):
     with pytest.raises(PlanError, match="trained for 'scores'"):
         with applied("plan-keys", base, adapted, 40, merged):
             pass
+
+
+def test_sequence_forward_refuses_caches_padding_and_long_contexts():
+    model, plan = model_and_plan()
+    plan.apply(model)
+    ids = sample_ids(2, 16)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(PlanError, match="unpadded rows only"):
+        model(ids, attention_mask=mask, ilc_sequence=SequenceForward.for_plan(plan))
+    with pytest.raises(PlanError, match="takes no cache"):
+        model(ids, past_key_values=plan.new_cache(model), ilc_sequence=SequenceForward.for_plan(plan))
+    with pytest.raises(PlanError, match="exceeds the model's limit"):
+        model(sample_ids(1, 600), ilc_sequence=SequenceForward.for_plan(plan))
