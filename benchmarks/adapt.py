@@ -8,8 +8,9 @@ position on held-apart text (the embedded Austen corpus, never trained on), and 
 sweep's prompts of seed 0, on the pg_essays haystack). Stage `table`: docs/adapt.md.
 
     python benchmarks/adapt.py train --budgets 16384,65536
-    python benchmarks/adapt.py evaluate --budgets 16384,65536
-    python benchmarks/adapt.py table --budgets 16384,65536    # the table of docs/adapt.md
+    python benchmarks/adapt.py train --budgets 16384,65536,131072 --modes keys
+    python benchmarks/adapt.py evaluate --budgets 16384,65536,131072
+    python benchmarks/adapt.py table --budgets 16384,65536,131072    # the table of docs/adapt.md
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def train(args) -> None:
     runs = Path(args.runs)
     previous = {}
     for tokens in args.budgets:  # every mode's smaller budget first, so that its evaluation can start
-        for mode in MODES:
+        for mode in args.modes:
             out = run_dir(runs, mode, tokens)
             if (out / "plan.yaml").exists():
                 previous[mode] = out
@@ -181,8 +182,10 @@ def main() -> None:
     p.add_argument("--budgets", default="16384,65536")
     p.add_argument("--runs", default=str(ROOT / "out" / "adapt-bench"))
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--modes", default=",".join(MODES), help="modes to train (default: both)")
     args = p.parse_args()
     args.budgets = [int(x) for x in args.budgets.split(",")]
+    args.modes = [m for m in args.modes.split(",") if m]
     {"train": train, "evaluate": evaluate, "table": table}[args.stage](args)
 
 

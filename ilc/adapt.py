@@ -5,7 +5,7 @@ weights running the plan's attention (`ilc.runtime.sequence`: the computation se
 with trainable LoRA adapters (peft) on the attention projections of the layers the plan changes and their anchors.
 The loss at a position is KL(teacher || student) over the vocabulary, weighted 1 where the plan changes attention
 (past the sinks and the shortest proximal window) and `proximal_weight` before, plus `lm_weight` x the next-token
-loss. Samples are the calibration text packed to `seq_len` tokens, interleaved with retrieval samples (facts
+loss. Samples are the training text (`--data`) packed to `seq_len` tokens, interleaved with retrieval samples (facts
 planted and recalled later, `ilc.data.retrieval_samples`), in an order fixed by the seed; one sample of each kind
 is held apart, and its loss before and after training is the plan's `loss_initial` / `loss_final`.
 
@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from ilc.runtime import Plan, QualityWarning, model_signature, remove_plan
-from ilc.runtime.adapter import ADAPTER_MARK, adapter_fingerprint
+from ilc.runtime.adapter import adapter_fingerprint, mark_adapter
 from ilc.runtime.heads import HeadKind
 from ilc.runtime.plan import MODES, Adaptation, PlanError
 from ilc.runtime.sequence import SequenceForward
@@ -55,7 +55,7 @@ class AdaptConfig:
 
     tokens: int = 65536  # training budget; steps = ceil(tokens / seq_len), one sequence per step
     seq_len: int = 2048
-    lr: float = 2e-4
+    lr: float = 1e-3
     rank: int = 8
     targets: tuple[str, ...] = PROJECTIONS  # projections that get LoRA, in `layers`
     layers: str = "changed"  # "changed": layers holding a follower or streaming head, and their anchors; "all"
@@ -285,8 +285,7 @@ def adapt(model, tokenizer, plan: Plan, config: AdaptConfig, out: str | Path, do
         layers=tuple(layers), loss_initial=validation_initial, loss_final=validation_final))
     model.gradient_checkpointing_disable()
     if merge:
-        merged = peft_model.merge_and_unload()
-        setattr(merged.config, ADAPTER_MARK, digest)
+        merged = mark_adapter(peft_model.merge_and_unload(), digest)
         remove_plan(merged)
         _replace_dir(out / MERGED_DIR, lambda tmp: _save_model(merged, tokenizer, tmp))
     adapted.save(out / PLAN_FILE)

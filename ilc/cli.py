@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tokens", type=int, default=65536, help=f"training tokens, {r('tokens')} (default 65536)")
     a.add_argument("--seq-len", type=int, default=2048, help=f"tokens per training sequence, {r('seq_len')} "
                    "(default 2048; longer than the plan's window, so that sharing matters)")
-    a.add_argument("--lr", type=float, default=2e-4, help=f"learning rate, {r('lr')} (default 2e-4)")
+    a.add_argument("--lr", type=float, default=1e-3,
+                   help=f"learning rate, {r('lr')} (default 1e-3; constant after 4 warm-up steps)")
     a.add_argument("--rank", type=int, default=8, help=f"LoRA rank, {r('rank')} (default 8)")
     a.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="projections that get LoRA")
     a.add_argument("--layers", choices=["changed", "all"], default="changed",

@@ -85,6 +85,10 @@ def merge_adapter(model, adapter: str | Path, fingerprint: str):
     """Merge the LoRA adapter in `adapter` into `model`'s weights in place and mark the config; returns `model`."""
     from peft import PeftModel
 
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    setattr(merged.config, ADAPTER_MARK, fingerprint)
-    return merged
+    return mark_adapter(PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), fingerprint)
+
+
+def mark_adapter(model, fingerprint: str):
+    """Record in `model`'s config that its weights carry the adapter `fingerprint` (merged); returns `model`."""
+    setattr(model.config, ADAPTER_MARK, fingerprint)
+    return model
