@@ -168,8 +168,8 @@ def table(args) -> None:
     for r in rows:
         train = f"{r['train_wall_s'] / 60:.0f} min ({r['tokens'] / r['train_wall_s']:.0f} tok/s)" \
             if r.get("train_wall_s") else ""
-        lines.append(f"| {r['name']} | {r['tokens'] or ''} | {train} | {r['kl_trained_len']:.4f} | "
-                     f"{r['kl_longer']:.4f} | " + " | ".join(f"{r['ppl'][b]:.2f}" for b in buckets)
+        kl = [max(0.0, r[k]) for k in ("kl_trained_len", "kl_longer")]  # an exact match can round to -1e-10
+        lines.append(f"| {r['name']} | {r['tokens'] or ''} | {train} | {kl[0]:.4f} | {kl[1]:.4f} | " + " | ".join(f"{r['ppl'][b]:.2f}" for b in buckets)
                      + f" | {r['niah']:.0f} | {r['ruler']:.1f} | {r['kv_saved']:.1%} |")
     text = "\n".join(lines)
     print(text)
