@@ -74,26 +74,28 @@ def held_apart(tok, length: int = 4096):
     return pack(default_corpus(), tok, length).samples
 
 
-def position_stats(model, ids, reference=None):
-    """Per position of each row: next-token NLL, and KL(reference || model) when `reference` (log-probs) is given.
-    Returns (log-probs [n, T, V], nll [n, T-1], kl [n, T] or None)."""
+def log_probs(model, row):
+    """Next-token log-probabilities [T, V] of one row of token ids."""
     import torch
 
-    logp, nll, kl = [], [], []
     with torch.no_grad():
-        for i, row in enumerate(ids):
-            lp = model(row[None]).logits[0].float().log_softmax(-1)
-            nll.append(-lp[:-1].gather(-1, row[1:, None])[:, 0])
-            if reference is not None:
-                ref = reference[i]
-                kl.append((ref.exp() * (ref - lp)).sum(-1))
-            logp.append(lp)
-    return logp, torch.stack(nll), torch.stack(kl) if kl else None
+        return model(row[None]).logits[0].float().log_softmax(-1)
+
+
+def position_stats(model, ids, reference):
+    """(nll [n, T-1], KL(reference || model) [n, T]) per position of each row; `reference`: the full model's
+    log-probabilities per row. One row's log-probabilities are held at a time."""
+    import torch
+
+    nll, kl = [], []
+    for row, ref in zip(ids, reference):
+        lp = log_probs(model, row)
+        nll.append(-lp[:-1].gather(-1, row[1:, None])[:, 0])
+        kl.append((ref.exp() * (ref - lp)).sum(-1))
+    return torch.stack(nll), torch.stack(kl)
 
 
 def evaluate(args) -> None:
-    import torch
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from eval_sweep import sweep_samples
 
@@ -107,8 +109,7 @@ def evaluate(args) -> None:
     model, tok, _ = load_model("smollm2-135m")
     samples = sweep_samples(tok, (2048, 4096), (0.0, 0.25, 0.5, 0.75, 1.0), (0,), read_documents([HAYSTACK]))
     ids = held_apart(tok)
-    with torch.no_grad():
-        reference, _, _ = position_stats(model, ids)
+    reference = [log_probs(model, row) for row in ids]
     start = base_plan.sinks + base_plan.window
     for name, method, run_path, mode in variants(runs, args.budgets):
         out = runs / "eval" / name.replace(", ", "-").replace(" ", "-")
@@ -125,7 +126,7 @@ def evaluate(args) -> None:
             remove_plan(model)
         t0 = time.time()
         with applied(method, model, plan, ids.shape[1]):
-            _, nll, kl = position_stats(model, ids, reference)
+            nll, kl = position_stats(model, ids, reference)
         records = run(model, tok, plan, [method], samples, out, progress=False)
         summary = summarize(records, [method])[method]
         bucket = lambda t, lo, hi: float(t[:, lo:hi].mean())  # noqa: E731

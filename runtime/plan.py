@@ -274,8 +274,8 @@ def load_plan(path: str | Path) -> Plan:
     return plan_from_dict(raw, source=str(path))
 
 
-TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "adapted", "criterion", "calibration", "estimated_savings",
-                  "distance_curve", "similarity", "extensions")
+TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "adapted", "criterion", "calibration",
+                  "estimated_savings", "distance_curve", "similarity", "extensions")
 
 
 def plan_from_dict(raw: Any, source: str = "plan") -> Plan:

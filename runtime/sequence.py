@@ -38,7 +38,12 @@ class SequenceForward:
     mode: str = "scores"
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # anchor layer -> keys [B, H, T, D]
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # anchor layer -> queries [B, Hq, T, D]
-    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    anchors: frozenset[int] = field(init=False)  # layers whose keys (and queries) some follower reads
+    _masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.anchors = frozenset(spec.anchor for row in self.specs or () for spec in row
+                                 if spec.kind == HeadKind.FOLLOWER)
 
     @classmethod
     def for_plan(cls, plan, mode: str | None = None) -> "SequenceForward":
@@ -48,22 +53,15 @@ class SequenceForward:
     def dense(cls) -> "SequenceForward":
         return cls(None)
 
-    def proximal_mask(self, t: int, window: int, device) -> torch.Tensor:
-        """[T, T] bool: key j is proximal to query i (causal, and a sink or within the window)."""
-        key = ("proximal", t, window, str(device))
+    def masks(self, t: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T, T] proximal, [T, T] distant) bool: key j is proximal to query i (causal, and a sink or within the
+        window) or distant (causal, and neither)."""
+        key = (t, window, str(device))
         if key not in self._masks:
             i = torch.arange(t, device=device)[:, None]
             j = torch.arange(t, device=device)[None, :]
-            self._masks[key] = (j <= i) & ((j < self.sinks) | (i - j < window))
-        return self._masks[key]
-
-    def distant_mask(self, t: int, window: int, device) -> torch.Tensor:
-        """[T, T] bool: key j is distant from query i (causal, neither a sink nor within the window)."""
-        key = ("distant", t, window, str(device))
-        if key not in self._masks:
-            i = torch.arange(t, device=device)[:, None]
-            j = torch.arange(t, device=device)[None, :]
-            self._masks[key] = (j >= self.sinks) & (i - j >= window)
+            proximal = (j < self.sinks) | (i - j < window)
+            self._masks[key] = ((j <= i) & proximal, (j <= i) & ~proximal)
         return self._masks[key]
 
 
@@ -72,26 +70,25 @@ def sequence_attention(layer: int, query: torch.Tensor, key: torch.Tensor, value
     """query [B, Hq, T, D], key and value [B, H, T, D] of whole sequences (slots 0..T-1) -> [B, Hq, T, D]."""
     if forward.specs is None:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    b, hq, t, d = query.shape
-    n_kv = key.shape[1]
-    group = hq // n_kv
+    hq, t = query.shape[1], query.shape[2]
+    group = hq // key.shape[1]
     specs = forward.specs[layer]
-    forward.keys[layer] = key  # read by this layer's followers further up (overwritten by a checkpoint replay)
-    if forward.mode == "scores":
-        forward.queries[layer] = query
+    if layer in forward.anchors:  # read by followers further up (a checkpoint replay overwrites the entry)
+        forward.keys[layer] = key
+        if forward.mode == "scores":
+            forward.queries[layer] = query
     outs = []
     for h, spec in enumerate(specs):
         qh, kh, vh = query[:, h * group:(h + 1) * group], key[:, h:h + 1], value[:, h:h + 1]
         if spec.kind == HeadKind.FULL:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scaling, enable_gqa=True)
         elif spec.kind == HeadKind.STREAMING:
-            mask = forward.proximal_mask(t, spec.window, query.device)
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scaling, enable_gqa=True)
+            proximal, _ = forward.masks(t, spec.window, query.device)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=proximal, scale=scaling, enable_gqa=True)
         else:
             anchor_keys = forward.keys[spec.anchor][:, h:h + 1]
             q_dist = qh if forward.mode == "keys" else forward.queries[spec.anchor][:, h * group:(h + 1) * group]
-            out = _follower(qh, q_dist, kh, anchor_keys, vh, forward.proximal_mask(t, spec.window, query.device),
-                            forward.distant_mask(t, spec.window, query.device), scaling)
+            out = _follower(qh, q_dist, kh, anchor_keys, vh, *forward.masks(t, spec.window, query.device), scaling)
         outs.append(out)
     return torch.cat(outs, dim=1)
 

@@ -22,8 +22,13 @@ SEQ = 256
 INIT = 0.2  # peaked distributions: the plan moves them measurably (KL ~1 nat), so adaptation has work to do
 
 
+def base_model():
+    """The weights every test adapts and serves (built afresh, identical each time)."""
+    return tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT)
+
+
 def model_and_plan(mode="scores"):
-    model = tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT)
+    model = base_model()
     return model, mixed_plan(model, mode=mode)
 
 
@@ -44,8 +49,8 @@ def sample_ids(n=2, t=SEQ, seed=1):
     return torch.randint(3, 93, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-def serving_logits(plan_path, ids, adapter=None, model=None):
-    model = model or tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT)
+def serving_logits(plan_path, ids, adapter=None):
+    model = base_model()
     load_plan(plan_path).apply(model, adapter=adapter)
     with torch.no_grad():
         return model(ids).logits, model
@@ -96,10 +101,10 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "log.jsonl").is_file()
     # held-apart text (the corpus' last characters): KL of the served plan to the full model, before and after
     ids = torch.tensor(CharTokenizer()(default_corpus()[-1].text[-3000:])["input_ids"][:4 * SEQ]).view(4, SEQ)
-    teacher = tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT)
+    teacher = base_model()
     with torch.no_grad():
         target = teacher(ids).logits.log_softmax(-1)
-    base = tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT)
+    base = base_model()
     plan.apply(base)
     with torch.no_grad():
         before = base(ids).logits.log_softmax(-1)
@@ -176,18 +181,18 @@ def test_adapters_and_plans_only_run_together(tmp_path):
     adapted = load_plan(out / "plan.yaml")
     ids = sample_ids(1, 40)
     with pytest.raises(PlanError, match="carries none"):
-        adapted.apply(tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT))
+        adapted.apply(base_model())
     with pytest.raises(PlanError, match="no adapted: section"):
-        plan.apply(tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT), adapter=out / "adapter")
+        plan.apply(base_model(), adapter=out / "adapter")
     with pytest.raises(PlanError, match="trained for 'scores'"):
-        adapted.apply(tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT), adapter=out / "adapter", mode="keys")
+        adapted.apply(base_model(), adapter=out / "adapter", mode="keys")
     served, merged_model = serving_logits(out / "plan.yaml", ids, adapter=out / "adapter")
     remove_plan(merged_model)
     with pytest.raises(PlanError, match="carries the ilc adapter"):
         plan.apply(merged_model)  # the merged weights refuse the unadapted plan
     _, _, other = run(tmp_path, "other", seed=1)
     with pytest.raises(PlanError, match="is not the adapter this plan was adapted with"):
-        adapted.apply(tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT), adapter=other.out / "adapter")
+        adapted.apply(base_model(), adapter=other.out / "adapter")
     # weights saved merged (--merge) carry their adapter: the adapted plan runs on them as they are
     loaded = LlamaForCausalLM.from_pretrained(out / "merged").eval()
     loaded.set_attn_implementation("sdpa")
@@ -196,25 +201,24 @@ def test_adapters_and_plans_only_run_together(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, served, atol=5e-5, rtol=1e-5)
     with pytest.raises(PlanError, match="already adapted"):
-        adapt(tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT), CharTokenizer(), adapted, config(), tmp_path / "x",
+        adapt(base_model(), CharTokenizer(), adapted, config(), tmp_path / "x",
               progress=False)
 
 
 def test_bad_runs_are_refused_before_work(tmp_path):
     model, plan, result = run(tmp_path, tokens=2 * SEQ)
-    fresh = lambda: tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT)  # noqa: E731
     with pytest.raises(OptionError, match="finished adaptation"):
-        adapt(fresh(), CharTokenizer(), plan, config(tokens=2 * SEQ), result.out, progress=False)
+        adapt(base_model(), CharTokenizer(), plan, config(tokens=2 * SEQ), result.out, progress=False)
     with pytest.raises(OptionError, match="no checkpoint.pt"):
-        adapt(fresh(), CharTokenizer(), plan, config(), tmp_path / "none", resume=True, progress=False)
+        adapt(base_model(), CharTokenizer(), plan, config(), tmp_path / "none", resume=True, progress=False)
     with pytest.raises(OptionError, match="already trained 2 steps"):
-        adapt(fresh(), CharTokenizer(), plan, config(tokens=SEQ), result.out, resume=True, progress=False)
+        adapt(base_model(), CharTokenizer(), plan, config(tokens=SEQ), result.out, resume=True, progress=False)
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(OptionError, match="not a readable checkpoint"):
-        adapt(fresh(), CharTokenizer(), plan, config(), tmp_path / "corrupt", resume=True, progress=False)
+        adapt(base_model(), CharTokenizer(), plan, config(), tmp_path / "corrupt", resume=True, progress=False)
     with pytest.raises(OptionError, match="--seq-len 4096 exceeds"):
-        adapt(fresh(), CharTokenizer(), plan, config(seq_len=4096), tmp_path / "long", progress=False)
+        adapt(base_model(), CharTokenizer(), plan, config(seq_len=4096), tmp_path / "long", progress=False)
     with pytest.raises(OptionError, match="--targets"):
         config(targets=("gate_proj",)).validate()
     for argv, message in ((["--tokens", "0"], "--tokens must be >= 1"), (["--lr", "0"], "--lr must be"),
@@ -252,8 +256,8 @@ def test_eval_runs_an_adapted_plan_on_its_adapted_weights(tmp_path):
 
     _, _, result = run(tmp_path, tokens=2 * SEQ)
     adapted = load_plan(result.out / "plan.yaml")
-    base = tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT)
-    merged = adapted.apply(tiny_llama(layers=5, heads=6, kv_heads=3, seed=0, init_range=INIT),
+    base = base_model()
+    merged = adapted.apply(base_model(),
                            adapter=result.out / "adapter")
     ids = sample_ids(1, 40)
     with torch.no_grad():
