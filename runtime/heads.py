@@ -14,18 +14,61 @@ Torch-free, so that the plan module stays importable without torch.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
+
+
+class Mode(str, Enum):
+    """How a follower scores distant tokens: with its anchor's attention (SCORES, training-free) or with its own
+    query on the anchor's keys (KEYS, needs adapted weights). Compares equal to its plan-file word."""
+
+    SCORES = "scores"
+    KEYS = "keys"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class HeadKind(IntEnum):
+    """What one (layer, KV head) stores; `label` is its word in plans, reports and the CLI."""
+
     FULL = 0
     FOLLOWER = 1
     STREAMING = 2
 
+    @property
+    def label(self) -> str:
+        return self.name.lower()
 
-KIND_NAMES = {HeadKind.FULL: "full", HeadKind.FOLLOWER: "follower", HeadKind.STREAMING: "streaming"}
+    @classmethod
+    def from_label(cls, label: str) -> "HeadKind":
+        return cls[label.upper()]
+
+
+class BlockKind(str, Enum):
+    """A plan block's kind as the file writes it: SHARED (anchor + followers) or STREAMING."""
+
+    SHARED = "shared"
+    STREAMING = "streaming"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+KIND_NAMES = {kind: kind.label for kind in HeadKind}
+
+
+def short_digest(data: bytes | "hashlib._Hash") -> str:
+    """The project's one digest format, ``sha256:`` and 16 hex digits, of bytes or of a running sha256."""
+    h = hashlib.sha256(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def dense_vectors(num_layers: int, num_kv_heads: int, context: int) -> int:
+    """K plus V head-token vectors a dense cache keeps for one sequence of `context` tokens."""
+    return 2 * num_layers * num_kv_heads * context
 
 
 @dataclass(frozen=True)
