@@ -1,7 +1,9 @@
 """ilc.kernels: Triton kernels for attention over the ilc cache layout; the runtime uses them on CUDA.
 
 The launchers take plain tensors and one head table (int32 [heads, len(LaunchColumn)], columns and kinds defined
-once in `ilc.runtime.heads`), like vLLM's `decode_attention_fwd`; they know nothing of the cache classes.
+once in `ilc.kernels.table`), like vLLM's `decode_attention_fwd`; they know nothing of the cache classes. Triton
+itself is imported at the first launch (`decode.py`, `prefill.py`): it is optional off Linux, and importing the
+runtime must not need it.
 `ilc.runtime.kernel_dispatch` reads a layer's cache and calls them:
 - decode (one new token): `decode_attention`, the split-K kernel of `decode.py`, one launch for the FULL and
   FOLLOWER heads of a layer (keys mode: one per anchor whose keys the followers read), one per group of

@@ -4,7 +4,7 @@ One launch serves the FULL and FOLLOWER KV heads of a layer (in keys mode, one p
 read), and one more serves each group of STREAMING heads with the same window. A program handles all query heads
 of one KV head (GQA: each key/value tile is loaded once) for one split of the slots after the sinks; split 0
 also takes the row's sinks. What a head reads depends on its kind, a row of the head table (columns:
-`ilc.runtime.heads.LaunchColumn`):
+`ilc.kernels.table`):
 - ANCHOR (a FULL head): its own full keys and values everywhere; if the head has followers, it writes its
   logits of this step into the step-logits buffer (one row per query head, reused by every block in turn);
 - FOLLOWER_LOGITS (scores mode): own keys for the sinks and the recent window (read in place from the ring
@@ -23,14 +23,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ilc.runtime.heads import FOLLOWER_KEYS as _FOLLOWER_KEYS
-from ilc.runtime.heads import HeadKind, LaunchColumn
+from .table import LaunchColumn, LaunchKind
 
-# head kinds and head-table columns (defined once in ilc.runtime.heads); constexpr so that the kernels read them
-ANCHOR = tl.constexpr(int(HeadKind.FULL))
-FOLLOWER_LOGITS = tl.constexpr(int(HeadKind.FOLLOWER))
-STREAMING = tl.constexpr(int(HeadKind.STREAMING))
-FOLLOWER_KEYS = tl.constexpr(_FOLLOWER_KEYS)
+# head kinds and head-table columns (defined once in ilc.kernels.table); constexpr so that the kernels read them
+ANCHOR = tl.constexpr(int(LaunchKind.ANCHOR))
+FOLLOWER_LOGITS = tl.constexpr(int(LaunchKind.FOLLOWER_LOGITS))
+STREAMING = tl.constexpr(int(LaunchKind.STREAMING))
+FOLLOWER_KEYS = tl.constexpr(int(LaunchKind.FOLLOWER_KEYS))
 NCOL = tl.constexpr(len(LaunchColumn))
 COL_KV_HEAD = tl.constexpr(int(LaunchColumn.KV_HEAD))
 COL_KIND = tl.constexpr(int(LaunchColumn.KIND))

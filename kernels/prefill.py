@@ -5,7 +5,7 @@ walks key tiles from the end of the sinks to its last query. For a tile, every (
 (i - j < window: own query x own key) or distant (distant query x the anchor's key); a tile that holds only
 one kind computes one product, a mixed tile (about window / BLOCK_N of them per query tile) computes both and
 selects per element. Values are always the layer's own. Heads come from rows of the head table (columns:
-`ilc.runtime.heads.LaunchColumn`). With STREAMING (a separate launch per window), the heads attend only to their
+`ilc.kernels.table`). With STREAMING (a separate launch per window), the heads attend only to their
 sinks and their last WINDOW tokens, with keys and values from the sink buffers and the chunk's recent vectors.
 """
 

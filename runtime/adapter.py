@@ -11,31 +11,43 @@ plan runs only on weights carrying its adapter, and weights carrying an adapter 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from .heads import short_digest
 from .plan import Plan, PlanError
 
 ADAPTER_MARK = "ilc_adapter"  # config attribute: digest of the adapter merged into these weights
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def adapter_fingerprint(directory: str | Path) -> str:
-    """A digest of the adapter's tensors (names, dtypes, shapes and bytes), independent of file metadata."""
-    from safetensors.torch import load_file
-
-    path = Path(directory) / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise PlanError(f"adapter {directory}: no {ADAPTER_WEIGHTS} (expected the adapter directory `ilc adapt` "
-                        "wrote)")
-    tensors = load_file(str(path))
-    h = hashlib.sha256()
+    """A digest of the adapter: its configuration (``adapter_config.json`` as parsed, so that an edited scale or
+    target list is another adapter) and its tensors (names, dtypes, shapes and bytes), independent of file metadata
+    and key order. A file that is missing or cannot be read is a `PlanError` naming it."""
+    directory = Path(directory)
+    config, weights = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    for path in (config, weights):
+        if not path.is_file():
+            raise PlanError(f"adapter {directory}: no {path.name} (expected the adapter directory `ilc adapt` wrote)")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"adapter {config}: cannot be read as JSON ({' '.join(str(exc).split())})") from None
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
+        raise PlanError(f"adapter {weights}: cannot be read as safetensors ({' '.join(str(exc).split())})") from None
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
-    return "sha256:" + h.hexdigest()[:16]
+    return short_digest(h)
 
 
 def carried_adapter(model) -> str | None:

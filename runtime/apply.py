@@ -1,7 +1,9 @@
 """Attach a plan to a model so that plain `model.generate()` runs with a PoD-compressed cache.
 
-`apply_plan` checks the model against the plan, selects the registered ``ilc_pod`` attention function and
-installs one forward pre-hook on the model instance. The hook gives every forward that has no cache (or the
+This is the top layer of the runtime and the only one with policy: `apply_plan` checks the model against the
+plan, settles the runtime options (mode, skip threshold, kernels, adapter), selects the registered ``ilc_pod``
+attention function and installs one forward pre-hook on the model instance; `new_cache` chooses between a growing
+`PoDCache` and a preallocated `StaticPoDCache`. `Plan.apply` and `Plan.new_cache` call these two (installed below). The hook gives every forward that has no cache (or the
 empty `DynamicCache` that `generate` builds) a fresh `PoDCache`, refuses a cache built for another plan or mode,
 records left padding, and refuses contexts beyond the model's limit. Nothing in transformers is patched and no
 state is global or shared: the model gets its own copy of its config before its attention implementation
@@ -12,6 +14,8 @@ side, and `remove_plan` restores the model.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -24,9 +28,11 @@ from .adapter import check_adapter, merge_adapter
 from .architectures import check_supported, model_signature, text_config
 from .attention import ATTENTION_NAME, pod_attention, pod_mask
 from .cache import PoDCache
+from .heads import Mode
+from .plan import SERVING, Plan, PlanError, check_runtime_options
+from .report import cache_report
 from .sequence import SEQUENCE_KWARG
 from .static_cache import StaticPoDCache
-from .plan import Plan, PlanError, check_runtime_options
 
 
 class QualityWarning(UserWarning):
@@ -39,10 +45,17 @@ KEYS_MODE_WARNING = ("keys mode (own query on the anchor's keys) needs weights a
 
 
 def check_cache_options(mode, skip_threshold, kernels) -> None:
-    """The runtime options of `apply` and `new_cache`, checked by the plan format's own rule."""
+    """The runtime options of `apply` and `new_cache`, checked by the plan format's own rule; kernels=True only
+    where the Triton kernels can run (a CUDA GPU, or Triton's CPU interpreter with TRITON_INTERPRET=1)."""
     check_runtime_options(mode, skip_threshold)
     if kernels not in (None, True, False):
         raise PlanError(f"kernels: expected None, True or False, got {kernels!r}")
+    if kernels and importlib.util.find_spec("triton") is None:
+        raise PlanError("kernels=True: Triton is not installed on this machine; pass kernels=None (the PyTorch "
+                        "reference runs off CUDA)")
+    if kernels and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise PlanError("kernels=True: no CUDA GPU on this machine (the Triton kernels need one, or TRITON_INTERPRET=1 "
+                        "for Triton's slow CPU interpreter); pass kernels=None to use the PyTorch reference")
 
 
 @dataclass
@@ -51,13 +64,36 @@ class AppliedPlan:
 
     plan: Plan
     previous_attention: str | None
-    hook: torch.utils.hooks.RemovableHandle
-    mode: str
+    hook: torch.utils.hooks.RemovableHandle | None
+    mode: Mode
     skip_threshold: float | None
     kernels: bool | None
+    max_context: int | None = None
 
     def new_cache(self) -> PoDCache:
         return PoDCache(self.plan, mode=self.mode, skip_threshold=self.skip_threshold, kernels=self.kernels)
+
+
+def new_cache(plan: Plan, model=None, *, mode: str | None = None, skip_threshold: float | None = None,
+              kernels: bool | None = None, max_length: int | None = None) -> PoDCache:
+    """A fresh compressed cache for `plan`, to pass as `past_key_values=`. With `model` and no options, the
+    options given to `apply()`; a model running another plan is refused. With `max_length`: a `StaticPoDCache`
+    preallocated for that many tokens (prompt + new tokens), whose decode step `torch.compile` / CUDA graphs can
+    capture; it runs no compute skip, so a skip threshold given here or to `apply()` is refused, not dropped."""
+    check_cache_options(mode or plan.mode, skip_threshold, kernels)
+    applied = getattr(model, "_ilc_applied", None)
+    if applied is not None and applied.plan != plan:
+        raise PlanError("new_cache: this model runs another plan; build the cache from the applied plan")
+    if max_length is not None:
+        if skip_threshold is not None or (applied is not None and applied.skip_threshold is not None):
+            raise PlanError("new_cache: a static cache (max_length) does not run the compute skip; apply the plan "
+                            "with skip_threshold=None, or build a growing cache (no max_length)")
+        mode = mode or (applied.mode if applied is not None else None)
+        kernels = kernels if kernels is not None else (applied.kernels if applied is not None else None)
+        return StaticPoDCache(plan, max_length, mode=mode, kernels=kernels)
+    if applied is not None and mode is None and skip_threshold is None and kernels is None:
+        return applied.new_cache()  # the options given to apply() (mode, skip threshold, kernels)
+    return PoDCache(plan, mode=mode, skip_threshold=skip_threshold, kernels=kernels)
 
 
 def register_attention() -> None:
@@ -99,7 +135,7 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
     if plan.adapted is not None and mode != plan.adapted.mode:
         raise PlanError(f"this plan's adapter was trained for {plan.adapted.mode!r} mode; it cannot run {mode!r}")
     to_merge = check_adapter(plan, model, adapter)
-    if mode == "keys" and plan.adapted is None:
+    if mode == Mode.KEYS and plan.adapted is None:
         warnings.warn(KEYS_MODE_WARNING, QualityWarning, stacklevel=3)
     if getattr(model, "_ilc_applied", None) is not None:
         remove_plan(model)
@@ -110,15 +146,27 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     max_context = getattr(text_config(model.config), "max_position_embeddings", None)
-    applied = AppliedPlan(plan, previous, None, mode,
-                          plan.skip_threshold if skip_threshold is None else skip_threshold, kernels)
+    applied = AppliedPlan(plan, previous, None, Mode(mode),
+                          plan.skip_threshold if skip_threshold is None else skip_threshold, kernels, max_context)
+    applied.hook = model.register_forward_pre_hook(PlanHook(applied), with_kwargs=True)
+    model._ilc_applied = applied
+    return model
 
-    def before_forward(module, args, kwargs):
+
+@dataclass
+class PlanHook:
+    """The forward pre-hook `apply_plan` installs: gives each forward the plan's cache and checks what it brings
+    (a class, not a closure, so that a planned model pickles)."""
+
+    applied: AppliedPlan
+
+    def __call__(self, module, args, kwargs):
+        applied = self.applied
         if module.config._attn_implementation != ATTENTION_NAME:
             raise PlanError(f"an ilc plan is applied, but the attention implementation was changed to "
                             f"{module.config._attn_implementation!r}; call ilc.runtime.remove_plan(model) first")
         if kwargs.get(SEQUENCE_KWARG) is not None:  # a whole-sequence forward (training): no cache at all
-            return args, _sequence_kwargs(args, kwargs, max_context)
+            return args, _sequence_kwargs(args, kwargs, applied.max_context)
         cache = kwargs.get("past_key_values")
         if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
             cache = applied.new_cache()
@@ -129,26 +177,29 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
         elif cache.plan != applied.plan or cache.state.mode != applied.mode:
             raise PlanError("this PoDCache was built for another plan (or mode) than the one applied to this model; "
                             "use plan.new_cache(model) with the applied plan, or no cache")
-        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        if tokens is None and args:
-            tokens = args[0]
-        new = tokens.shape[1] if tokens is not None else 0
+        new = _new_tokens(args, kwargs)
         if isinstance(cache, StaticPoDCache):
-            # No host read of the device token count on a decode step: the cache was sized within the model's
-            # context at construction, so only its first forward records padding.
+            # No host read of the device token count: the cache was sized within the model's context at
+            # construction and counts what forwards bring on the host (not while a compiled graph is traced).
+            if not torch.compiler.is_compiling():
+                cache.check_room(new)
             if not cache.layers[0].is_initialized:
                 _record_padding(cache, kwargs.get("attention_mask"), 0)
             return args, kwargs
         seen = cache.get_seq_length()
-        if max_context and seen + new > max_context:
-            raise PlanError(f"context of {seen + new} tokens exceeds the model's limit of {max_context} "
+        if applied.max_context and seen + new > applied.max_context:
+            raise PlanError(f"context of {seen + new} tokens exceeds the model's limit of {applied.max_context} "
                             "(max_position_embeddings); nothing was computed")
         _record_padding(cache, kwargs.get("attention_mask"), seen)
         return args, kwargs
 
-    applied.hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
-    model._ilc_applied = applied
-    return model
+
+def _new_tokens(args: tuple, kwargs: dict) -> int:
+    """Tokens a forward brings (input_ids or inputs_embeds, by keyword or first positional argument)."""
+    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if tokens is None and args:
+        tokens = args[0]
+    return tokens.shape[1] if tokens is not None else 0
 
 
 def _sequence_kwargs(args: tuple, kwargs: dict, max_context: int | None) -> dict:
@@ -158,10 +209,9 @@ def _sequence_kwargs(args: tuple, kwargs: dict, max_context: int | None) -> dict
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.bool().all()):
         raise PlanError(f"{SEQUENCE_KWARG}: a whole-sequence forward takes unpadded rows only")
-    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    tokens = tokens if tokens is not None or not args else args[0]
-    if max_context and tokens is not None and tokens.shape[1] > max_context:
-        raise PlanError(f"context of {tokens.shape[1]} tokens exceeds the model's limit of {max_context} "
+    new = _new_tokens(args, kwargs)
+    if max_context and new > max_context:
+        raise PlanError(f"context of {new} tokens exceeds the model's limit of {max_context} "
                         "(max_position_embeddings); nothing was computed")
     return {**kwargs, "use_cache": False}
 
@@ -207,3 +257,6 @@ def _record_padding(cache: PoDCache, mask, seen: int) -> None:
         cache.set_row_start(row_start)
     elif mask.shape[1] > seen and not bool(mask[:, seen:].all()):
         raise PlanError("ilc supports left padding only: the attention_mask has zeros after the prompt")
+
+
+SERVING.install(apply_plan=apply_plan, new_cache=new_cache, cache_report=cache_report)

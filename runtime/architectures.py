@@ -8,7 +8,13 @@ model types whose code was checked to do exactly that; any other model fails lou
 
 from __future__ import annotations
 
-from .plan import ModelSignature, config_fingerprint, weights_fingerprint
+import hashlib
+import json
+
+import torch
+
+from .heads import short_digest
+from .plan import ModelSignature
 
 # model_type -> note. Each passes `cache.update(k, v, layer_idx)`'s result to `ALL_ATTENTION_FUNCTIONS[...]`.
 SUPPORTED_MODEL_TYPES = {
@@ -72,3 +78,28 @@ def model_signature(model, name: str | None = None) -> ModelSignature:
         config_fingerprint=config_fingerprint(model.config),
         weights_fingerprint=weights_fingerprint(model),
     )
+
+
+def config_fingerprint(config) -> str:
+    """A digest of the config fields that decide KV-cache shapes and attention numerics."""
+    text = text_config(config)
+    keys = (
+        "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "intermediate_size", "vocab_size", "rope_theta", "rope_parameters", "rope_scaling",
+        "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    )
+    picked = {k: getattr(text, k, None) for k in keys}
+    return short_digest(json.dumps(picked, sort_keys=True, default=str).encode())
+
+
+def weights_fingerprint(model) -> str:
+    """A cheap digest of a few weight slices: tells a base model from its fine-tune with the same config.
+
+    Slices are rounded to bfloat16 first, so loading the same checkpoint in another dtype gives the same digest.
+    """
+    emb = model.get_input_embeddings().weight
+    last = list(model.parameters())[-1]
+    h = hashlib.sha256()
+    for t in (emb[:8, :64], last.reshape(-1)[:512]):
+        h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return short_digest(h)

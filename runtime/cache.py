@@ -11,10 +11,11 @@ Per layer, in slot coordinates (slot = position in the padded batch, the same fo
   size), nothing else.
 
 `update` cannot return a dense key tensor for such a layer, so it returns a `PoDKeys` view that the
-registered attention function (`ilc.runtime.attention`) understands. With a plan's token selection
-(`ilc.runtime.selection`), the first decode step compacts the value heads' storage; from then on their slots are
-*stored* slots (logical slot - ``state.shift``) while streaming heads keep logical slots. Storage grows in chunks of about 1/128
-of its size (amortized O(1) appends, under 1% slack), never by a full copy per decode step.
+registered attention function (`ilc.runtime.attention`) understands. With a plan's token selection, the first
+decode step has `ilc.runtime.selection` choose the tokens to keep and compacts the value heads' storage
+(`PoDCache.select`); from then on their slots are *stored* slots (logical slot - ``state.shift``) while streaming
+heads keep logical slots. Storage grows in chunks of about 1/128 of its size (amortized O(1) appends), never by a
+full copy per decode step.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .heads import HeadKind, HeadSpec, Selection, stored_vectors
-from .plan import Plan
+from .heads import HeadKind, HeadSpec, Mode, Selection, stored_vectors
+from .plan import Plan, PlanError
+from .selection import SelectionShape, choose_tokens, selection_shape
 
 
 @dataclass
@@ -34,7 +36,7 @@ class CacheState:
 
     sinks: int
     window: int
-    mode: str
+    mode: Mode
     skip_threshold: float | None
     row_start: torch.Tensor | None = None  # [B] first real (stored) slot of each row (left padding); None = none
     row_start_min: int = 0  # smallest row start, kept on the host (kernel loop bounds without a device sync)
@@ -58,6 +60,11 @@ class CacheState:
     def set_stream_row_start(self, row_start: torch.Tensor | None) -> None:
         """Row starts in logical slots (streaming heads)."""
         self.stream_row_start, _, self.stream_row_start_max = _row_bounds(row_start)
+
+    def row_starts(self, batch: int, device, streaming: bool = False) -> torch.Tensor:
+        """[B] each row's first real slot (stored slots; logical ones for streaming heads), zeros without padding."""
+        rs = self.stream_row_start if streaming else self.row_start
+        return torch.zeros(batch, dtype=torch.long, device=device) if rs is None else rs.to(device)
 
 
 def _row_bounds(row_start: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
@@ -143,7 +150,9 @@ class LogicalLength:
         return -1
 
 
-def _grown(capacity_needed: int) -> int:
+def grown_capacity(capacity_needed: int) -> int:
+    """Slots to allocate when `capacity_needed` no longer fit: about 1/128 more (at least 32), so appends cost
+    amortized O(1) and never a full copy per decode step."""
     return capacity_needed + max(32, capacity_needed // 128)
 
 
@@ -197,7 +206,7 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
     def _reserve(self, total: int) -> None:
         if total <= self.capacity:
             return
-        cap = _grown(total)
+        cap = grown_capacity(total)
         self.values = _resize(self.values, cap, self.seen)
         self.anchor_keys = _resize(self.anchor_keys, cap, self.seen)
         if self.follower_heads:
@@ -256,8 +265,8 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
     def compact(self, total: int, kept: int, index: dict[int, torch.Tensor]) -> None:
         """Keep, of the first `total` slots, the `kept` slots index[kv_head] [B, kept] of every value head (their
         keys too for FULL heads), in that order; followers' own recent keys move to the same stored slots.
-        Streaming heads are untouched. Called once, by `ilc.runtime.selection.select_tokens`."""
-        cap = _grown(kept + 1)
+        Streaming heads are untouched. Called once, by `PoDCache.select`."""
+        cap = grown_capacity(kept + 1)
         gather = lambda t, idx: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
         if self.value_heads:
             idx = torch.stack([index[h] for h in self.value_heads], 1)
@@ -407,15 +416,13 @@ class PoDCache(Cache):
     def __init__(self, plan: Plan, mode: str | None = None, skip_threshold: float | None = None,
                  kernels: bool | None = None):
         if kernels and plan.selection is not None:
-            from .plan import PlanError
-
             raise PlanError("kernels=True: the Triton kernels do not run token selection (the plan's selection:) "
                             "yet; pass kernels=None or False")
         self.plan = plan
         self.state = CacheState(
             sinks=plan.sinks,
             window=plan.window,
-            mode=mode or plan.mode,
+            mode=Mode(mode or plan.mode),
             skip_threshold=plan.skip_threshold if skip_threshold is None else skip_threshold,
             kernels=kernels,
             selection=plan.selection,
@@ -437,12 +444,41 @@ class PoDCache(Cache):
         self.state.set_stored_row_start(row_start)
         self.state.set_stream_row_start(row_start)
 
+    @torch.no_grad()
     def select(self) -> None:
-        """Run the plan's token selection now on what the cache holds (`ilc.runtime.selection`); the first decode
-        step does it on its own. Runs once; a plan without selection does nothing."""
-        from .selection import select_tokens
+        """Run the plan's token selection now on what the cache holds; the first decode step does it on its own.
+        Runs once; a plan without selection does nothing. `ilc.runtime.selection` chooses, per layer with FULL
+        heads, the slots to keep; every layer then compacts (a FOLLOWER keeps its anchor's choice)."""
+        state = self.state
+        if state.selection is None or state.selected:
+            return
+        state.selected = True
+        first = self.layers[0]
+        if not first.is_initialized or first.seen == 0:
+            return
+        rs = state.row_starts(first.values.shape[0], first.values.device)
+        shape = selection_shape(first.seen, rs, state.row_start_min, state.sinks, state.selection)
+        if shape is not None:
+            chosen = {layer.layer_idx: self._choose(layer, shape, rs) for layer in self.layers if layer.anchor_heads}
+            for layer in self.layers:
+                layer.compact(shape.total, shape.kept, {h: self._kept_slots(layer, h, chosen)
+                                                        for h in layer.value_heads})
+            state.shift = shape.total - shape.kept
+            state.set_stored_row_start(shape.stored_row_start)
+        state.observed.clear()
 
-        select_tokens(self)
+    def _choose(self, layer: "PoDLayer", shape: SelectionShape, rs: torch.Tensor) -> torch.Tensor:
+        """[B, Ha, K] slots kept by the FULL heads of `layer`, scored with its observed prompt queries."""
+        q_heads, scaling = self.state.observed.get(layer.layer_idx, (None, 1.0))
+        if q_heads is not None:  # [B, Hq, w, D] -> [B, Ha, g, w, D], the query heads of each FULL head
+            group = q_heads.shape[1] // len(layer.specs)
+            q_heads = q_heads.unflatten(1, (len(layer.specs), group))[:, layer.anchor_heads]
+        return choose_tokens(shape, layer.anchor_keys[:, :, :shape.total], q_heads, scaling, rs, self.state.selection)
+
+    def _kept_slots(self, layer: "PoDLayer", h: int, chosen: dict[int, torch.Tensor]) -> torch.Tensor:
+        """[B, K] slots kept for KV head `h` of `layer`: its own choice (FULL) or its anchor's (FOLLOWER)."""
+        source = layer if layer.specs[h].kind == HeadKind.FULL else self.layers[layer.specs[h].anchor]
+        return chosen[source.layer_idx][:, source.anchor_heads.index(h)]
 
     def _map_rows(self, fn) -> None:
         state = self.state

@@ -7,9 +7,9 @@ Kinds:
 
 `Selection` is a plan's token selection (SnapKV-style, once at the end of prefill): FULL heads keep, of their
 distant tokens, only the best-scored share; followers keep values for their anchor's choice.
-`stored_vectors` is the savings formula: how many head-token vectors (K or V) a head keeps for one sequence.
-`LaunchColumn` names the columns of the int32 head table that the Triton launches read, one row per head.
-Torch-free, so that the plan module stays importable without torch.
+`stored_vectors` is the savings formula: how many head-token vectors (K or V) a head keeps for one sequence, and
+`dense_vectors` the dense cache's. (The kernels' launch table has kinds of its own, `ilc.kernels.table.LaunchKind`;
+`ilc.runtime.kernel_dispatch` derives them from `HeadKind` and `Mode`.) Torch-free, so that the plan module stays importable without torch.
 """
 
 from __future__ import annotations
@@ -138,18 +138,3 @@ def stored_vectors(spec: HeadSpec, context: int, sinks: int, selection: Selectio
     if spec.kind == HeadKind.FOLLOWER:
         return kept + proximal
     return 2 * proximal
-
-
-class LaunchColumn(IntEnum):
-    """Columns of the kernels' head table (int32 [heads, len(LaunchColumn)]), one row per KV head of a launch."""
-
-    KV_HEAD = 0  # the KV head (its query heads are KV_HEAD * group + g)
-    KIND = 1  # HeadKind, or FOLLOWER_KEYS for a keys-mode follower
-    OWN = 2  # index in the layer's anchor keys (FULL), ring/sink keys (FOLLOWER) or streaming storage (STREAMING)
-    DIST = 3  # index in the anchor layer's anchor keys (keys-mode FOLLOWER); 0 otherwise
-    VALUE = 4  # index in the layer's full-length values (FULL, FOLLOWER); 0 for STREAMING
-    WRITES_LOGITS = 5  # 1: a scores-mode anchor whose step logits followers read
-
-
-# Launch-table kinds beyond HeadKind: a follower that scores distant tokens with its own query (keys mode).
-FOLLOWER_KEYS = 3

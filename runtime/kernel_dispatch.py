@@ -12,9 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import dense_attention, follower_groups, query_heads, reference_attention
-from .cache import PoDKeys, PoDLayer, _grown
-from .heads import FOLLOWER_KEYS, HeadKind, LaunchColumn
+from ilc.kernels import decode_splits, ops
+from ilc.kernels.table import LaunchColumn, LaunchKind
+
+from .attention_common import dense_attention, follower_groups, query_heads
+from .cache import CacheState, PoDKeys, PoDLayer, grown_capacity
+from .heads import HeadKind, Mode
+from .reference import reference_attention
+
+
+def launch_kind(kind: HeadKind, mode: Mode) -> LaunchKind:
+    """The kernels' kind for a head of `kind` under `mode` (a follower reads logits in scores mode, keys in keys)."""
+    if kind == HeadKind.FOLLOWER:
+        return LaunchKind.FOLLOWER_LOGITS if mode == Mode.SCORES else LaunchKind.FOLLOWER_KEYS
+    return {HeadKind.FULL: LaunchKind.ANCHOR, HeadKind.STREAMING: LaunchKind.STREAMING}[kind]
 
 
 def _table(rows: list[dict], device) -> torch.Tensor:
@@ -49,12 +60,12 @@ def layer_launches(layer: PoDLayer, device) -> LayerLaunches:
     if meta is not None:
         return meta
     cache, i = layer.cache, layer.layer_idx
-    scores = layer.state.mode == "scores"
+    scores = layer.state.mode == Mode.SCORES
     later = [other.anchors for other in cache.layers[i + 1:]]
     # scores mode: an anchor head with followers leaves its logits of the step for them (keys mode: nobody reads them)
     writes = [h for h in layer.anchor_heads if scores and any(anchors[h] == i for anchors in later)]
     col = LaunchColumn
-    anchor_rows = [{col.KV_HEAD: h, col.KIND: HeadKind.FULL, col.OWN: pos, col.VALUE: layer.value_pos[h],
+    anchor_rows = [{col.KV_HEAD: h, col.KIND: launch_kind(HeadKind.FULL, layer.state.mode), col.OWN: pos, col.VALUE: layer.value_pos[h],
                     col.WRITES_LOGITS: h in writes} for pos, h in enumerate(layer.anchor_heads)]
     groups = follower_groups(layer)
     # decode launches by the anchor keys they read: scores-mode followers read logits, so one launch (None) serves
@@ -64,7 +75,7 @@ def layer_launches(layer: PoDLayer, device) -> LayerLaunches:
     prefill, reads = [], []
     for a, positions in groups.items():
         heads = [layer.follower_heads[p] for p in positions]
-        kind = HeadKind.FOLLOWER if scores else FOLLOWER_KEYS
+        kind = launch_kind(HeadKind.FOLLOWER, layer.state.mode)
         rows = [{col.KV_HEAD: h, col.KIND: kind, col.OWN: p, col.DIST: cache.layers[a].anchor_heads.index(h),
                  col.VALUE: layer.value_pos[h]} for h, p in zip(heads, positions)]
         prefill.append((a, _table(rows, device)))
@@ -74,7 +85,7 @@ def layer_launches(layer: PoDLayer, device) -> LayerLaunches:
     decode = [DecodeLaunch(_table(rows, device), src) for src, rows in by_source.items() if rows]
     streams = []
     for index, group in enumerate(layer.stream_groups):
-        table = _table([{col.KV_HEAD: h, col.KIND: HeadKind.STREAMING, col.OWN: pos}
+        table = _table([{col.KV_HEAD: h, col.KIND: launch_kind(HeadKind.STREAMING, layer.state.mode), col.OWN: pos}
                         for pos, h in enumerate(group.heads)], device)
         decode.append(DecodeLaunch(table, stream=index))
         streams.append((index, table))
@@ -82,13 +93,13 @@ def layer_launches(layer: PoDLayer, device) -> LayerLaunches:
     return meta
 
 
-def _row_start(state, b, device) -> torch.Tensor:
-    """Each row's first real slot as int32 on `device`, converted once per change of the row starts (or batch
-    size, for the no-padding zeros) rather than on every layer call."""
+def _row_start(state: CacheState, b, device) -> torch.Tensor:
+    """`state.row_starts` as int32 on `device`, converted once per change of the row starts (or batch size, for
+    the no-padding zeros) rather than on every layer call."""
     scratch = state.kernel_scratch
     source, rows = state.row_start, scratch.get("row_start")
     if rows is None or scratch["row_start_of"] is not source or rows.shape[0] != b or rows.device != device:
-        rows = torch.zeros(b, dtype=torch.int32, device=device) if source is None else source.to(device, torch.int32)
+        rows = state.row_starts(b, device).to(torch.int32)
         scratch.update(row_start_of=source, row_start=rows)
     return rows
 
@@ -102,7 +113,7 @@ def _decode_scratch(state, b, hq, d, cap, total, device):
         scratch["mid_lse"] = torch.empty(b, hq, cap, dtype=torch.float32, device=device)
     logits = scratch.get("logits")
     if logits is None or logits.shape[:2] != (b, hq) or logits.shape[2] < total or logits.device != device:
-        scratch["logits"] = torch.empty(b, hq, _grown(total), dtype=torch.float32, device=device)
+        scratch["logits"] = torch.empty(b, hq, grown_capacity(total), dtype=torch.float32, device=device)
         scratch["logits_from"] = {}  # KV head -> (anchor layer, step length) whose logits the buffer holds
     return scratch["mid_o"], scratch["mid_lse"], scratch["logits"]
 
@@ -111,8 +122,6 @@ def _decode(out, query, layer: PoDLayer, total: int, values, row_start, scaling,
     """One decode step of one layer: split-K launches over all its KV heads, then one merge into `out`.
     total: the layer's slot count; with a static cache, its preallocated length, and `total_at` the device
     scalar holding the slot count."""
-    from ilc.kernels import decode_splits, ops
-
     state = layer.state
     b, hq, _, d = query.shape
     group = hq // len(layer.specs)
@@ -165,8 +174,6 @@ def static_decode_triton(query, step, values, scaling):
 def prepare_static(cache, batch: int, device) -> None:
     """Allocate, before any decode step is captured, the buffers `static_decode_triton` reuses: row starts, split
     partials and step logits for the cache's full length, and every layer's head tables."""
-    from ilc.kernels import decode_splits
-
     state = cache.state
     plan = cache.plan
     hq, d = plan.model.num_attention_heads, plan.model.head_dim
@@ -180,8 +187,6 @@ def prepare_static(cache, batch: int, device) -> None:
 
 def pod_attention_triton(query, view: PoDKeys, values, scaling):
     """One layer of ilc attention with the Triton kernels; same contract as `reference_attention`."""
-    from ilc.kernels import ops
-
     layer, state = view.layer, view.state
     if state.skip_threshold is not None:
         return reference_attention(query, view, values, scaling)
@@ -203,7 +208,7 @@ def pod_attention_triton(query, view: PoDKeys, values, scaling):
                   sinks=state.sinks, scaling=scaling)
     sinks_or = lambda t: t if t is not None and t.shape[2] else query  # noqa: E731 (no sinks: any tensor)
     for anchor, table in meta.prefill_followers:
-        q_dist = query if state.mode == "keys" else state.queries[anchor]
+        q_dist = query if state.mode == Mode.KEYS else state.queries[anchor]
         ops.prefill_attention(out, query, q_dist, table, sink_keys=sinks_or(layer.sink_keys),
                           recent_keys=view.recent_keys, recent_start=view.recent_start,
                           dist_keys=layer.cache.layers[anchor].anchor_keys, values=values, sink_values=query,

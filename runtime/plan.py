@@ -20,21 +20,23 @@ standard library, torch-free, plus PyYAML, so serving code stays lean.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field, fields
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-from .heads import KIND_NAMES, SCORERS, HeadKind, HeadSpec, Selection, stored_vectors
+from .heads import SCORERS, BlockKind, HeadKind, HeadSpec, Mode, Selection, dense_vectors, stored_vectors
 
 FORMAT = "ilc-plan/2"
 READABLE_FORMATS = ("ilc-plan/1", FORMAT)
-MODES = ("scores", "keys")
-BLOCK_KINDS = ("shared", "streaming")
 DEFAULT_REPORT_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
+MAX_PLAN_BYTES = 16 << 20  # a plan of a 1000-layer, 1000-head model is a few MB
+MAX_TOKENS = (1 << 31) - 1  # contexts, windows, sinks: slots are int32 in the kernels' tables
+MAX_LAYERS = MAX_HEADS = 4096  # far above any released model; bounds what a plan file can make the loader build
 
 
 class PlanError(ValueError):
@@ -47,8 +49,12 @@ class Block:
 
     layers: tuple[int, ...]
     similarity: float | None = None  # shared: lowest follower-to-anchor similarity under the plan's criterion
-    kind: str = "shared"  # "shared" or "streaming"
+    kind: BlockKind = BlockKind.SHARED
     window: int | None = None  # streaming: recent window of every layer of the block
+
+    def __post_init__(self):
+        if self.kind in tuple(BlockKind):  # a plan-file word becomes the enum; anything else fails validation
+            object.__setattr__(self, "kind", BlockKind(self.kind))
 
     @property
     def anchor(self) -> int:
@@ -56,7 +62,7 @@ class Block:
 
     @property
     def followers(self) -> tuple[int, ...]:
-        return self.layers[1:] if self.kind == "shared" else ()
+        return self.layers[1:] if self.kind == BlockKind.SHARED else ()
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class Plan:
     sinks: int
     window: int
     blocks: tuple[tuple[Block, ...], ...]  # one tuple of blocks per KV head
-    mode: str = "scores"
+    mode: Mode = Mode.SCORES
     skip_threshold: float | None = None
     criterion: dict = field(default_factory=dict)  # how the blocks were chosen (method, metric, thresholds)
     calibration: dict = field(default_factory=dict)  # provenance: data digest, tokens, versions, settings
@@ -111,6 +117,8 @@ class Plan:
     adapted: Adaptation | None = None  # the weights this plan runs on were adapted to it (`adapted:`)
 
     def __post_init__(self):
+        if self.mode in tuple(Mode):  # "scores" / "keys" become the enum; anything else fails validation
+            object.__setattr__(self, "mode", Mode(self.mode))
         _validate(self, source="plan")
 
     # ---------------------------------------------------------------------------------------------- structure
@@ -128,7 +136,7 @@ class Plan:
         for h, blocks in enumerate(self.blocks):
             for block in blocks:
                 for layer in block.layers:
-                    if block.kind == "streaming":
+                    if block.kind == BlockKind.STREAMING:
                         spec = HeadSpec(HeadKind.STREAMING, layer, block.window)
                     elif layer == block.anchor:
                         spec = HeadSpec(HeadKind.FULL, layer, 0)
@@ -143,10 +151,10 @@ class Plan:
 
     def kind_counts(self) -> dict[str, int]:
         """(layer, KV head) pairs per kind: {"full": n, "follower": n, "streaming": n}."""
-        counts = {name: 0 for name in KIND_NAMES.values()}
+        counts = {kind.label: 0 for kind in HeadKind}
         for row in self.head_table():
             for spec in row:
-                counts[KIND_NAMES[spec.kind]] += 1
+                counts[spec.kind.label] += 1
         return counts
 
     @property
@@ -164,7 +172,7 @@ class Plan:
         Dense stores K and V for every layer and KV head; the plan what `heads.stored_vectors` says per head
         (followers: V everywhere, K for the sinks and window; streaming: K and V for the sinks and window).
         """
-        dense = 2 * self.num_layers * self.num_kv_heads * context
+        dense = dense_vectors(self.num_layers, self.num_kv_heads, context)
         planned = sum(stored_vectors(spec, context, self.sinks, self.selection) for row in self.head_table()
                       for spec in row)
         return dense, planned
@@ -180,48 +188,21 @@ class Plan:
         scale = batch * self.model.head_dim * dtype_bytes
         return dense * scale, planned * scale
 
-    # --------------------------------------------------------------------------------------------- runtime API
-    def apply(self, model, **kwargs):
-        """Apply this plan to `model` (see `ilc.runtime.apply.apply_plan`); returns the model."""
-        from .apply import apply_plan
+    # ------------------------------------------------------------------------------------------ conveniences
+    def apply(self, model, **options):
+        """Apply this plan to `model` (`ilc.runtime.apply.apply_plan`); returns the model."""
+        return SERVING.call("apply_plan")(self, model, **options)
 
-        return apply_plan(self, model, **kwargs)
+    def new_cache(self, model=None, **options):
+        """A fresh compressed cache for this plan, to pass as `past_key_values=` (`ilc.runtime.apply.new_cache`)."""
+        return SERVING.call("new_cache")(self, model, **options)
 
-    def new_cache(self, model=None, *, mode: str | None = None, skip_threshold: float | None = None,
-                  kernels: bool | None = None, max_length: int | None = None):
-        """A fresh compressed cache for this plan, to pass as `past_key_values=`. With `model` and no options,
-        the options given to `apply()`; a model running another plan is refused. With `max_length`: a
-        `StaticPoDCache` preallocated for that many tokens (prompt + new tokens), whose decode step
-        `torch.compile` / CUDA graphs can capture."""
-        from .apply import check_cache_options
-        from .cache import PoDCache
-
-        check_cache_options(mode or self.mode, skip_threshold, kernels)
-        applied = getattr(model, "_ilc_applied", None)
-        if applied is not None and applied.plan != self:
-            raise PlanError("new_cache: this model runs another plan; build the cache from the applied plan")
-        if max_length is not None:
-            from .static_cache import StaticPoDCache
-
-            if skip_threshold is not None:
-                raise PlanError("new_cache: a static cache (max_length) does not run the compute skip")
-            mode = mode or (applied.mode if applied is not None else None)
-            kernels = kernels if kernels is not None else (applied.kernels if applied is not None else None)
-            return StaticPoDCache(self, max_length, mode=mode, kernels=kernels)
-        if applied is not None and mode is None and skip_threshold is None and kernels is None:
-            return applied.new_cache()  # the options given to apply() (mode, skip threshold, kernels)
-        return PoDCache(self, mode=mode, skip_threshold=skip_threshold, kernels=kernels)
-
-    def cache_report(self, cache) -> "CacheReport":  # noqa: F821 - imported lazily
-        """Bytes the cache holds against a dense cache of the same tokens, by layer."""
-        from .report import cache_report
-
-        return cache_report(cache)
+    def cache_report(self, cache):
+        """Bytes the cache holds against a dense cache of the same tokens (`ilc.runtime.report.cache_report`)."""
+        return SERVING.call("cache_report")(cache)
 
     def with_options(self, **changes) -> "Plan":
         """A copy with some fields replaced (e.g. ``mode="keys"`` or ``window=512``), validated again."""
-        from dataclasses import replace
-
         return replace(self, **changes)
 
     # ------------------------------------------------------------------------------------------------ file I/O
@@ -233,7 +214,7 @@ class Plan:
             "format": FORMAT,
             "model": asdict(self.model),
             "windows": {"sinks": self.sinks, "window": self.window},
-            "sharing": {"mode": self.mode, "skip_threshold": self.skip_threshold, "blocks": block_section},
+            "sharing": {"mode": self.mode.value, "skip_threshold": self.skip_threshold, "blocks": block_section},
             **({"selection": asdict(self.selection)} if self.selection else {}),
             **({"adapted": _adaptation_to_yaml(self.adapted)} if self.adapted else {}),
             "criterion": dict(self.criterion),
@@ -248,12 +229,37 @@ class Plan:
         return yaml.dump(self.to_dict(), Dumper=_PlanDumper, sort_keys=False, width=120, allow_unicode=True)
 
     def save(self, path: str | Path) -> Path:
+        """Write the plan atomically: through a temporary file of a unique name in the target folder, renamed over
+        `path` once complete (a failed write leaves neither half a plan nor a stray file; no other file is touched)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)  # atomic: a failed write never leaves half a plan behind
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_yaml())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
+
+
+@dataclass
+class Serving:
+    """The functions behind `Plan.apply / new_cache / cache_report`. They live in the layers above this module
+    (`ilc.runtime.apply`, `ilc.runtime.report`), which fill this table when the package is imported (importing
+    any `ilc.runtime` module imports the package first), so this module imports nothing above it."""
+
+    functions: dict[str, Callable] = field(default_factory=dict)
+
+    def install(self, **functions: Callable) -> None:
+        self.functions.update(functions)
+
+    def call(self, name: str) -> Callable:
+        return self.functions[name]
+
+
+SERVING = Serving()
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -262,16 +268,24 @@ def load_plan(path: str | Path) -> Plan:
     if not path.is_file():
         raise PlanError(f"{path}: no such plan file")
     try:
+        if path.stat().st_size > MAX_PLAN_BYTES:
+            raise PlanError(f"{path}: {path.stat().st_size} bytes is not a plan (plans are at most "
+                            f"{MAX_PLAN_BYTES >> 20} MiB)")
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise PlanError(f"{path}: not a plan (not UTF-8 text; a binary file?)") from None
     except OSError as exc:
         raise PlanError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return plan_from_dict(parse_yaml(text, str(path)), source=str(path))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Plan YAML as a person means it: YAML 1.2 scalars (``0656`` is 656, ``yes`` is a string; YAML 1.1 would read
+    octal, base-60 and yes/no booleans), no duplicate keys, no aliases (a 9 KB alias bomb expands to gigabytes)."""
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_PlanLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    return plan_from_dict(raw, source=str(path))
+        raise PlanError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
 
 
 TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "adapted", "criterion", "calibration",
@@ -291,11 +305,11 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         name=m.get("name", str),
         architecture=m.get("architecture", str),
         model_type=m.get("model_type", str),
-        num_layers=m.get("num_layers", int, minimum=1),
-        num_attention_heads=m.get("num_attention_heads", int, minimum=1),
-        num_kv_heads=m.get("num_kv_heads", int, minimum=1),
-        head_dim=m.get("head_dim", int, minimum=1),
-        max_context=m.get("max_context", int, minimum=1),
+        num_layers=m.get("num_layers", int, minimum=1, maximum=MAX_LAYERS),
+        num_attention_heads=m.get("num_attention_heads", int, minimum=1, maximum=MAX_HEADS),
+        num_kv_heads=m.get("num_kv_heads", int, minimum=1, maximum=MAX_HEADS),
+        head_dim=m.get("head_dim", int, minimum=1, maximum=MAX_HEADS),
+        max_context=m.get("max_context", int, minimum=1, maximum=MAX_TOKENS),
         config_fingerprint=m.get("config_fingerprint", str),
         weights_fingerprint=m.get("weights_fingerprint", str, optional=True),
     )
@@ -371,35 +385,10 @@ def _adaptation_to_yaml(a: Adaptation) -> dict:
     return out
 
 
-def config_fingerprint(config) -> str:
-    """A digest of the config fields that decide KV-cache shapes and attention numerics."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    keys = (
-        "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "head_dim", "intermediate_size", "vocab_size", "rope_theta", "rope_parameters", "rope_scaling",
-        "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-    )
-    picked = {k: getattr(text, k, None) for k in keys}
-    blob = json.dumps(picked, sort_keys=True, default=str).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
-
-
-def weights_fingerprint(model) -> str:
-    """A cheap digest of a few weight slices: tells a base model from its fine-tune with the same config.
-
-    Slices are rounded to bfloat16 first, so loading the same checkpoint in another dtype gives the same digest.
-    """
-    import torch
-
-    emb = model.get_input_embeddings().weight
-    last = list(model.parameters())[-1]
-    h = hashlib.sha256()
-    for t in (emb[:8, :64], last.reshape(-1)[:512]):
-        h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return "sha256:" + h.hexdigest()[:16]
-
-
 # -------------------------------------------------------------------------------------------------- validation
+MODES = tuple(m.value for m in Mode)  # the plan-file words of `Mode`, for messages and CLI choices
+
+
 def check_runtime_options(mode, skip_threshold, where: str = "") -> None:
     """The one rule for `mode` and `skip_threshold`, in a plan file and in `apply(...)` alike."""
     if mode not in MODES:
@@ -411,6 +400,7 @@ def check_runtime_options(mode, skip_threshold, where: str = "") -> None:
 
 def _validate(plan: Plan, source: str) -> None:
     m = plan.model
+    _validate_bounds(plan, source)
     if m.num_attention_heads % m.num_kv_heads:
         raise PlanError(f"{source}: model.num_attention_heads ({m.num_attention_heads}) is not a multiple of "
                         f"model.num_kv_heads ({m.num_kv_heads})")
@@ -436,18 +426,38 @@ def _validate(plan: Plan, source: str) -> None:
                                 "(blocks must cover every layer once, in order)")
             if block.similarity is not None and not -1e-6 <= block.similarity <= 1 + 1e-6:
                 raise PlanError(f"{where}: block {list(block.layers)}: similarity {block.similarity} is not in [0, 1]")
-            if block.kind not in BLOCK_KINDS:
+            if block.kind not in tuple(BlockKind):
                 raise PlanError(f"{where}: block {list(block.layers)}: kind: expected one of {BLOCK_KINDS}, "
                                 f"got {block.kind!r}")
-            if block.kind == "streaming" and (not isinstance(block.window, int) or block.window < 1):
+            if block.kind == BlockKind.STREAMING and (not isinstance(block.window, int) or block.window < 1):
                 raise PlanError(f"{where}: block {list(block.layers)}: window: a streaming block needs a window "
                                 f">= 1, got {block.window!r}")
-            if block.kind == "shared" and block.window is not None:
+            if block.kind == BlockKind.STREAMING and block.window > m.max_context:
+                raise PlanError(f"{where}: block {list(block.layers)}: window {block.window} exceeds the model's "
+                                f"context of {m.max_context} tokens (model.max_context)")
+            if block.kind == BlockKind.SHARED and block.window is not None:
                 raise PlanError(f"{where}: block {list(block.layers)}: window: only streaming blocks have their own "
                                 "window (followers use windows.window)")
             expected = block.layers[-1] + 1
         if expected != m.num_layers:
             raise PlanError(f"{where}: blocks cover layers 0..{expected - 1}, model has {m.num_layers} layers")
+
+
+BLOCK_KINDS = tuple(k.value for k in BlockKind)
+
+
+def _validate_bounds(plan: Plan, source: str) -> None:
+    """Sizes a plan file states are bounded by what a model can hold, before anything is built from them."""
+    m = plan.model
+    for name, value, limit in (("model.num_layers", m.num_layers, MAX_LAYERS),
+                               ("model.num_attention_heads", m.num_attention_heads, MAX_HEADS),
+                               ("model.num_kv_heads", m.num_kv_heads, m.num_attention_heads),
+                               ("model.max_context", m.max_context, MAX_TOKENS),
+                               ("windows.window", plan.window, m.max_context),
+                               ("windows.sinks", plan.sinks, m.max_context)):
+        if value > limit:
+            raise PlanError(f"{source}: {name}: {value} exceeds {limit}"
+                            + (" (model.max_context)" if limit == m.max_context else ""))
 
 
 def _validate_selection(plan: Plan, where: str) -> None:
@@ -458,6 +468,9 @@ def _validate_selection(plan: Plan, where: str) -> None:
         raise PlanError(f"{where}scorer: expected one of {tuple(SCORERS)}, got {sel.scorer!r}")
     if sel.window < 1 or sel.pool < 1 or sel.pool % 2 == 0:
         raise PlanError(f"{where}window must be >= 1 and pool an odd number >= 1 (got {sel.window}, {sel.pool})")
+    if max(sel.window, sel.pool) > plan.model.max_context:
+        raise PlanError(f"{where}window {sel.window} / pool {sel.pool}: at most the model's context of "
+                        f"{plan.model.max_context} tokens (model.max_context)")
     if plan.kind_counts()["follower"] and sel.window < plan.window:
         raise PlanError(f"{where}window {sel.window} is below windows.window {plan.window}: followers need the values "
                         "of their whole proximal window, so selection must keep at least that many recent tokens")
@@ -491,7 +504,7 @@ def _parse_blocks(items: Any, where: str, streaming_ok: bool = True) -> tuple[Bl
             raise PlanError(f"{where}[{i}]: unknown keys {sorted(unknown)}{_did_you_mean(unknown, allowed)} "
                             f"(allowed: {sorted(allowed)})")
         layers, sim = item.get("layers"), item.get("similarity")
-        kind, window = item.get("kind", "shared"), item.get("window")
+        kind, window = item.get("kind", BlockKind.SHARED.value), item.get("window")
         if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
             raise PlanError(f"{where}[{i}].layers: expected a list of integers, got {layers!r}")
         if sim is not None and (not isinstance(sim, (int, float)) or isinstance(sim, bool)):
@@ -513,8 +526,8 @@ def _flow_rows(similarity: dict) -> dict:
 
 def _block_to_yaml(block: Block) -> dict:
     item: dict[str, Any] = {"layers": _Flow(block.layers)}
-    if block.kind != "shared":
-        item["kind"] = block.kind
+    if block.kind != BlockKind.SHARED:
+        item["kind"] = block.kind.value
         item["window"] = int(block.window)
     if block.similarity is not None:
         item["similarity"] = round(float(block.similarity), 4)
@@ -529,7 +542,8 @@ class _Reader:
             raise PlanError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(raw).__name__}")
         self.raw, self.source, self.prefix = raw, source, prefix
 
-    def get(self, key: str, kind: type, optional: bool = False, minimum: int | None = None):
+    def get(self, key: str, kind: type, optional: bool = False, minimum: int | None = None,
+            maximum: int | None = None):
         name = f"{self.source}: {self.prefix}{key}"
         if key not in self.raw or self.raw[key] is None:
             if optional:
@@ -542,6 +556,8 @@ class _Reader:
             raise PlanError(f"{name}: expected {kind.__name__}, got {value!r}")
         if minimum is not None and value < minimum:
             raise PlanError(f"{name}: must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise PlanError(f"{name}: must be <= {maximum}, got {value}")
         return value
 
     def section(self, key: str) -> "_Reader":
@@ -561,6 +577,49 @@ def _did_you_mean(unknown, allowed) -> str:
     return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
 
+class _PlanLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema scalars, duplicate keys refused and aliases refused."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a plan",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.2 core schema for bool, int and float (null and strings as PyYAML reads them)
+_PlanLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in (
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+        ("tag:yaml.org,2002:float",
+         r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+         "-+.0123456789")):
+    _PlanLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+_PlanLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: _yaml12_int(loader.construct_scalar(node)))
+
+
+def _yaml12_int(text: str) -> int:
+    """A YAML 1.2 integer: decimal (leading zeros are decimal), 0o octal or 0x hex."""
+    sign, body = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = 16 if body.startswith("0x") else 8 if body.startswith("0o") else 10
+    return sign * int(body[2:] if base != 10 else body, base)
+
+
 class _Flow(tuple):
     """A list written in YAML flow style ([0, 1, 2]) to keep plans compact and readable."""
 
@@ -576,6 +635,8 @@ class _PlanDumper(yaml.SafeDumper):
 _PlanDumper.add_representer(_Flow, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", list(v), flow_style=True))
 _PlanDumper.add_representer(_FlowDict, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v, flow_style=True))
 _PlanDumper.add_representer(tuple, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", list(v)))
+for _word in (Mode, BlockKind):  # the vocabulary's enums are written as their plan-file words
+    _PlanDumper.add_representer(_word, lambda d, v: d.represent_str(v.value))
 
 
 def blocks_from_layers(groups: Sequence[Sequence[int]], similarities: Iterable[float | None] | None = None) -> tuple[Block, ...]:
@@ -586,4 +647,4 @@ def blocks_from_layers(groups: Sequence[Sequence[int]], similarities: Iterable[f
 
 def streaming_block(layer: int, window: int) -> Block:
     """A one-layer streaming block: that layer keeps K and V for the sinks and its last `window` tokens only."""
-    return Block((int(layer),), None, "streaming", int(window))
+    return Block((int(layer),), None, BlockKind.STREAMING, int(window))

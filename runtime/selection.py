@@ -1,6 +1,7 @@
 """Token selection at the end of prefill (a plan's ``selection:`` section, `heads.Selection`), composed with sharing.
 
-When the first decode step arrives (or `PoDCache.select()` is called), every FULL head scores the distant tokens
+When the first decode step arrives (or `PoDCache.select()` is called), the cache asks this module which slots to
+keep (`selection_shape`, then `choose_tokens` per layer) and compacts itself: every FULL head scores the distant tokens
 of the prompt with the queries of the last prompt tokens (`SCORERS`) and keeps the sinks, the last
 `selection.window` tokens and the best `selection.budget(distant)` others. A FOLLOWER keeps its values for the
 tokens its anchor chose, so a block keeps one set of distant tokens; STREAMING heads are left as they are.
@@ -14,15 +15,12 @@ tokens precede the recent window, so a stored slot is distant or proximal exactl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .heads import SCORERS, HeadKind, Selection
-
-if TYPE_CHECKING:
-    from .cache import PoDCache
+from .heads import SCORERS, Selection
 
 
 def token_scores(queries: torch.Tensor, keys: torch.Tensor, row_start: torch.Tensor, scaling: float,
@@ -46,60 +44,52 @@ def token_scores(queries: torch.Tensor, keys: torch.Tensor, row_start: torch.Ten
     return scores
 
 
-@torch.no_grad()
-def select_tokens(cache: "PoDCache") -> None:
-    """Run the plan's selection on everything the cache holds now (see the module docstring). Idempotent."""
-    state = cache.state
-    sel = state.selection
-    if sel is None or state.selected:
-        return
-    state.selected = True
-    first = cache.layers[0]
-    total = first.seen
-    if not first.is_initialized or total == 0:
-        return
-    s, w = state.sinks, sel.window
-    b = first.values.shape[0]
-    device = first.values.device
-    rs = state.row_start if state.row_start is not None else torch.zeros(b, dtype=torch.long, device=device)
-    candidates = total - state.row_start_min - s - w  # distant tokens of the longest row
-    budget = sel.budget(max(0, candidates))
-    if budget >= candidates:  # nothing to drop
-        state.observed.clear()
-        return
-    kept = s + budget + w
-    real = total - rs  # [B] real tokens per row
-    selecting = real > kept  # rows that drop tokens; the others keep all of theirs (right-aligned)
-    tail = torch.arange(total - kept, total, device=device).clamp(min=0)  # [K] slots of a row that keeps all
-    slot = torch.arange(total, device=device)
-    candidate = (slot[None, :] >= (rs + s)[:, None]) & (slot[None, :] < total - w)  # [B, T] distant real slots
-    chosen: dict[int, torch.Tensor] = {}  # layer -> [B, Ha, K] slots kept by its FULL heads
-    for layer in cache.layers:
-        if not layer.anchor_heads:
-            continue
-        keys = layer.anchor_keys[:, :, :total]
-        q_heads, scaling = state.observed.get(layer.layer_idx, (None, 1.0))
-        if q_heads is None:  # no prompt queries seen (e.g. a byte count without a model): keep the most recent
-            scores = torch.arange(total, device=device, dtype=torch.float32).expand(b, len(layer.anchor_heads), -1)
-        else:
-            group = q_heads.shape[1] // len(layer.specs)
-            q = q_heads.unflatten(1, (len(layer.specs), group))[:, layer.anchor_heads]  # [B, Ha, g, w, D]
-            scores = token_scores(q, keys, rs, scaling, sel)
-        scores = scores.masked_fill(~candidate[:, None], float("-inf"))
-        top = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # [B, Ha, budget]
-        sinks = (rs[:, None] + torch.arange(s, device=device)[None]).expand(len(layer.anchor_heads), -1, -1)
-        recent = torch.arange(total - w, total, device=device).expand(b, len(layer.anchor_heads), -1)
-        index = torch.cat([sinks.transpose(0, 1), top, recent], dim=-1)  # [B, Ha, K]
-        chosen[layer.layer_idx] = torch.where(selecting[:, None, None], index, tail.expand_as(index))
-    for layer in cache.layers:
-        layer.compact(total, kept, {h: _head_index(cache, layer, h, chosen) for h in layer.value_heads})
-    state.shift = total - kept
-    state.set_stored_row_start(torch.where(selecting, 0, kept - real))
-    state.observed.clear()
+@dataclass(frozen=True)
+class SelectionShape:
+    """What one run of selection keeps, the same for every layer: `kept` slots of `total` per row."""
+
+    total: int  # slots held before selection
+    sinks: int
+    budget: int  # distant tokens kept per head
+    kept: int  # sinks + budget + window: slots a selecting row holds after
+    selecting: torch.Tensor  # [B] bool: rows that drop tokens (the others keep all theirs, right-aligned)
+    candidate: torch.Tensor  # [B, T] bool: distant real slots (selection's candidates)
+    stored_row_start: torch.Tensor  # [B] each row's first real slot after compaction
 
 
-def _head_index(cache: "PoDCache", layer, h: int, chosen: dict) -> torch.Tensor:
-    """[B, K] slots kept for KV head `h` of `layer`: its own choice (FULL) or its anchor's (FOLLOWER)."""
-    spec = layer.specs[h]
-    source = layer if spec.kind == HeadKind.FULL else cache.layers[spec.anchor]
-    return chosen[source.layer_idx][:, source.anchor_heads.index(h)]
+def selection_shape(total: int, row_start: torch.Tensor, row_start_min: int, sinks: int,
+                    selection: Selection) -> SelectionShape | None:
+    """How many slots selection keeps of `total` (row_start [B]: first real slot per row), or None when the
+    longest row has no more distant tokens than the budget (nothing to drop)."""
+    w = selection.window
+    candidates = total - row_start_min - sinks - w  # distant tokens of the longest row
+    budget = selection.budget(max(0, candidates))
+    if budget >= candidates:
+        return None
+    kept = sinks + budget + w
+    real = total - row_start  # [B] real tokens per row
+    selecting = real > kept
+    slot = torch.arange(total, device=row_start.device)
+    candidate = (slot[None, :] >= (row_start + sinks)[:, None]) & (slot[None, :] < total - w)
+    return SelectionShape(total, sinks, budget, kept, selecting, candidate, torch.where(selecting, 0, kept - real))
+
+
+def choose_tokens(shape: SelectionShape, keys: torch.Tensor, queries: torch.Tensor | None, scaling: float,
+                  row_start: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """[B, H, K] slots to keep, in order, for H KV heads with `keys` [B, H, T, D] scored by their observed prompt
+    `queries` [B, H, g, w, D] (None: no queries were seen, e.g. a byte count without a model; keep the most
+    recent): each selecting row's sinks, its best `budget` distant slots and the last `window` slots; a row that
+    keeps everything keeps its last K slots (the left-padded tail)."""
+    b, h, total = keys.shape[0], keys.shape[1], shape.total
+    device = keys.device
+    if queries is None:
+        scores = torch.arange(total, device=device, dtype=torch.float32).expand(b, h, -1)
+    else:
+        scores = token_scores(queries, keys, row_start, scaling, selection)
+    scores = scores.masked_fill(~shape.candidate[:, None], float("-inf"))
+    top = scores.topk(shape.budget, dim=-1).indices.sort(dim=-1).values  # [B, H, budget]
+    sinks = (row_start[:, None] + torch.arange(shape.sinks, device=device)[None])
+    recent = torch.arange(total - selection.window, total, device=device).expand(b, h, -1)
+    index = torch.cat([sinks[:, None].expand(-1, h, -1), top, recent], dim=-1)  # [B, H, K]
+    tail = torch.arange(total - shape.kept, total, device=device).clamp(min=0)  # [K] slots of a row keeping all
+    return torch.where(shape.selecting[:, None, None], index, tail.expand_as(index))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .heads import HeadKind, HeadSpec
+from .heads import HeadKind, HeadSpec, Mode
 
 SEQUENCE_KWARG = "ilc_sequence"
 
@@ -35,7 +35,7 @@ class SequenceForward:
 
     specs: tuple[tuple[HeadSpec, ...], ...] | None
     sinks: int = 0
-    mode: str = "scores"
+    mode: Mode = Mode.SCORES
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # anchor layer -> keys [B, H, T, D]
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # anchor layer -> queries [B, Hq, T, D]
     anchors: frozenset[int] = field(init=False)  # layers whose keys (and queries) some follower reads
@@ -47,7 +47,7 @@ class SequenceForward:
 
     @classmethod
     def for_plan(cls, plan, mode: str | None = None) -> "SequenceForward":
-        return cls(plan.head_table(), plan.sinks, mode or plan.mode)
+        return cls(plan.head_table(), plan.sinks, Mode(mode or plan.mode))
 
     @classmethod
     def dense(cls) -> "SequenceForward":
@@ -75,7 +75,7 @@ def sequence_attention(layer: int, query: torch.Tensor, key: torch.Tensor, value
     specs = forward.specs[layer]
     if layer in forward.anchors:  # read by followers further up (a checkpoint replay overwrites the entry)
         forward.keys[layer] = key
-        if forward.mode == "scores":
+        if forward.mode == Mode.SCORES:
             forward.queries[layer] = query
     outs = []
     for h, spec in enumerate(specs):
@@ -87,7 +87,7 @@ def sequence_attention(layer: int, query: torch.Tensor, key: torch.Tensor, value
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=proximal, scale=scaling, enable_gqa=True)
         else:
             anchor_keys = forward.keys[spec.anchor][:, h:h + 1]
-            q_dist = qh if forward.mode == "keys" else forward.queries[spec.anchor][:, h * group:(h + 1) * group]
+            q_dist = qh if forward.mode == Mode.KEYS else forward.queries[spec.anchor][:, h * group:(h + 1) * group]
             out = _follower(qh, q_dist, kh, anchor_keys, vh, *forward.masks(t, spec.window, query.device), scaling)
         outs.append(out)
     return torch.cat(outs, dim=1)

@@ -5,9 +5,10 @@ tokens at the first update: values and anchor keys [B, H, max_length, D], follow
 `window` own keys, streaming heads' sinks and rings. Its tensors never move or change shape, and the number of
 tokens seen lives in a device tensor (`length`), so a decode step has fixed shapes and reads no Python int that
 changes from step to step:
-- a decode step (one new token) writes with `index_copy_` at the device position and runs the Triton decode
-  kernel with the slot count read on the device (`kernel_dispatch.static_decode_triton`; on CUDA, or with
-  kernels=True) or `ilc.runtime.attention.static_decode`, which masks by position instead of slicing. No `.item()`,
+- a decode step (one new token) writes with `index_copy_` at the device position and hands the attention
+  dispatcher a `StaticStep`: the Triton decode kernel with the slot count read on the device
+  (`kernel_dispatch.static_decode_triton`; on CUDA, or with kernels=True) or `ilc.runtime.reference.static_decode`,
+  which masks by position instead of slicing. No `.item()`,
   `.tolist()`, `.cpu()` or `bool(tensor)` runs in it (tested), and `torch.compile(model.forward, fullgraph=True)`
   traces it with no graph break (tested on CPU);
 - a prompt (several tokens) runs eagerly through `PoDLayer.update` and the ordinary attention paths (prefill is
@@ -102,14 +103,10 @@ class StaticPoDLayer(PoDLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[2] != 1:
-            if self.layer_idx == 0 and self.uses_kernels(key_states):  # before a decode step can be captured
-                from .kernel_dispatch import prepare_static
-
-                prepare_static(self.cache, key_states.shape[0], key_states.device)
             return super().update(key_states, value_states, *args, **kwargs)
         pos = self.length.clone()  # this token's slot, on the device
         at = pos.view(1)
-        state = self.state
+        rs = self.state.row_starts(key_states.shape[0], key_states.device)
         if self.value_heads:
             self.values.index_copy_(2, at, value_states[:, self._value_select])
         if self.anchor_heads:
@@ -117,25 +114,24 @@ class StaticPoDLayer(PoDLayer):
         if self.follower_heads:
             own = key_states[:, self._follower_select]
             self.ring_keys.index_copy_(2, at % self.ring_keys.shape[2], own)
-            _write_sink(self.sink_keys, own, pos, state.row_start)
+            _write_sink(self.sink_keys, own, pos, rs)
         for group in self.stream_groups:
             k, v = key_states[:, group.select], value_states[:, group.select]
             group.ring_k.index_copy_(2, at % group.ring_k.shape[2], k)
             group.ring_v.index_copy_(2, at % group.ring_v.shape[2], v)
-            _write_sink(group.sink_k, k, pos, state.row_start)
-            _write_sink(group.sink_v, v, pos, state.row_start)
+            _write_sink(group.sink_k, k, pos, rs)
+            _write_sink(group.sink_v, v, pos, rs)
         self.length.add_(1)
         return StaticStep(self, pos), self.values
 
 
-def _write_sink(dest: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, row_start: torch.Tensor | None) -> None:
+def _write_sink(dest: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, row_start: torch.Tensor) -> None:
     """Store `new` [B, H, 1, D] (the token at slot `pos`) as sink k = pos - row_start of each row where 0 <= k < S,
     without a host read: an out-of-range k writes the slot's old value back."""
     s = dest.shape[2]
     if s == 0:
         return
-    rs = row_start if row_start is not None else torch.zeros(dest.shape[0], dtype=torch.long, device=dest.device)
-    k = pos - rs  # [B]
+    k = pos - row_start  # [B]
     inside = (k >= 0) & (k < s)
     slot = k.clamp(0, s - 1)[:, None, None, None].expand(-1, dest.shape[1], 1, dest.shape[3])
     old = dest.gather(2, slot)
@@ -157,7 +153,16 @@ class StaticPoDCache(PoDCache):
         if max_length > plan.model.max_context:
             raise PlanError(f"max_length {max_length} exceeds the model's context of {plan.model.max_context} tokens")
         self.max_length = max_length
+        self.planned_tokens = 0  # tokens the model's forwards brought so far, counted on the host by the plan's hook
         super().__init__(plan, mode=mode, kernels=kernels)
+
+    def check_room(self, new: int) -> None:
+        """Refuse, before any work, a forward that would bring more tokens than `max_length` (counted on the host:
+        the device counter is never read in a decode step)."""
+        if self.planned_tokens + new > self.max_length:
+            raise PlanError(f"the static PoD cache holds {self.max_length} tokens (max_length) and this forward "
+                            f"needs {self.planned_tokens + new}; build it with a larger max_length")
+        self.planned_tokens += new
 
     def _new_layer(self, layer_idx, specs) -> StaticPoDLayer:
         return StaticPoDLayer(layer_idx, specs, self.state, self, self.max_length)
