@@ -128,13 +128,17 @@ class Selection:
         return proximal + self.budget(context - proximal)
 
 
+# K plus V vectors a head of each kind keeps, from `kept` (the tokens the sequence keeps: all of them, or what
+# selection left) and `proximal` (its sinks and window): full K and V; full V and proximal K; proximal K and V.
+_STORED = {
+    HeadKind.FULL: lambda kept, proximal: 2 * kept,
+    HeadKind.FOLLOWER: lambda kept, proximal: kept + proximal,
+    HeadKind.STREAMING: lambda kept, proximal: 2 * proximal,
+}
+
+
 def stored_vectors(spec: HeadSpec, context: int, sinks: int, selection: Selection | None = None) -> int:
     """K plus V head-token vectors that `spec` keeps for one sequence of `context` tokens (dense keeps 2 x context);
     with `selection`, right after it ran on a `context`-token prompt."""
     kept = selection.kept(context, sinks) if selection is not None else context
-    if spec.kind == HeadKind.FULL:
-        return 2 * kept
-    proximal = min(context, sinks + spec.window)
-    if spec.kind == HeadKind.FOLLOWER:
-        return kept + proximal
-    return 2 * proximal
+    return _STORED[spec.kind](kept, min(context, sinks + spec.window))

@@ -36,7 +36,7 @@ READABLE_FORMATS = ("ilc-plan/1", FORMAT)
 DEFAULT_REPORT_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
 MAX_PLAN_BYTES = 16 << 20  # a plan of a 1000-layer, 1000-head model is a few MB
 MAX_TOKENS = (1 << 31) - 1  # contexts, windows, sinks: slots are int32 in the kernels' tables
-MAX_LAYERS = MAX_HEADS = 4096  # far above any released model; bounds what a plan file can make the loader build
+MAX_LAYERS = MAX_HEADS = 1024  # far above any released model; bounds what a plan file can make the loader build
 
 
 class PlanError(ValueError):
@@ -63,6 +63,15 @@ class Block:
     @property
     def followers(self) -> tuple[int, ...]:
         return self.layers[1:] if self.kind == BlockKind.SHARED else ()
+
+    def head_spec(self, layer: int, follower_window: int) -> HeadSpec:
+        """What this block's head stores at `layer`: streaming (its own window), the anchor (FULL) or a follower
+        (the plan's window, the anchor's distant keys)."""
+        if self.kind == BlockKind.STREAMING:
+            return HeadSpec(HeadKind.STREAMING, layer, self.window)
+        if layer == self.anchor:
+            return HeadSpec(HeadKind.FULL, layer, 0)
+        return HeadSpec(HeadKind.FOLLOWER, self.anchor, follower_window)
 
 
 @dataclass(frozen=True)
@@ -136,13 +145,7 @@ class Plan:
         for h, blocks in enumerate(self.blocks):
             for block in blocks:
                 for layer in block.layers:
-                    if block.kind == BlockKind.STREAMING:
-                        spec = HeadSpec(HeadKind.STREAMING, layer, block.window)
-                    elif layer == block.anchor:
-                        spec = HeadSpec(HeadKind.FULL, layer, 0)
-                    else:
-                        spec = HeadSpec(HeadKind.FOLLOWER, block.anchor, self.window)
-                    table[layer][h] = spec
+                    table[layer][h] = block.head_spec(layer, self.window)
         return tuple(tuple(row) for row in table)
 
     def anchor_table(self) -> list[list[int]]:
@@ -413,7 +416,11 @@ def _validate(plan: Plan, source: str) -> None:
         _validate_adaptation(plan, f"{source}: adapted.")
     if len(plan.blocks) != m.num_kv_heads:
         raise PlanError(f"{source}: sharing.blocks: {len(plan.blocks)} KV heads given, model has {m.num_kv_heads}")
+    checked = set()  # heads that share one tuple of blocks (the all_heads form) are checked once
     for h, blocks in enumerate(plan.blocks):
+        if id(blocks) in checked:
+            continue
+        checked.add(id(blocks))
         where = f"{source}: sharing.blocks (KV head {h})"
         expected = 0
         for block in blocks:

@@ -8,7 +8,7 @@ from ilc.runtime.heads import HeadKind, Selection
 from ilc.runtime.plan import PlanError
 
 from conftest import make_plan, mixed_plan, tiny_llama
-from test_runtime_rule import brute_force, run_cache
+from helpers import brute_force, run_cache
 
 
 def expected_kept(qs, ks, plan, sel, t0, row_start):
@@ -162,8 +162,8 @@ def test_selection_plan_round_trips_and_rejects_bad_sections(tmp_path):
 
 
 def test_held_bytes_count_what_selection_leaves():
-    """`ilc.evaluate.held_bytes` (the sweep's "saved at 4k") runs the selection as the first decode step would."""
-    from ilc.evaluate import held_bytes
+    """`ilc.eval.run.held_bytes` (the sweep's "saved at 4k") runs the selection as the first decode step would."""
+    from ilc.eval.run import held_bytes
 
     model = tiny_llama(layers=5, heads=6, kv_heads=3)
     plan = mixed_plan(model, sinks=3, window=5)
