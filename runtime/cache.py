@@ -14,8 +14,8 @@ Per layer, in slot coordinates (slot = position in the padded batch, the same fo
 registered attention function (`ilc.runtime.attention`) understands. With a plan's token selection, the first
 decode step has `ilc.runtime.selection` choose the tokens to keep and compacts the value heads' storage
 (`PoDCache.select`); from then on their slots are *stored* slots (logical slot - ``state.shift``) while streaming
-heads keep logical slots. Storage grows in chunks of about 1/128 of its size (amortized O(1) appends), never by a
-full copy per decode step.
+heads keep logical slots. Storage grows in chunks of 1/128 of its size, at least 8 slots (amortized O(1) appends,
+slack in proportion to what is held), never by a full copy per decode step.
 """
 
 from __future__ import annotations
@@ -150,10 +150,14 @@ class LogicalLength:
         return -1
 
 
+GROWTH_MIN_SLOTS = 8  # the least a layer's storage grows by: a copy every 8 decode steps at short contexts
+
+
 def grown_capacity(capacity_needed: int) -> int:
-    """Slots to allocate when `capacity_needed` no longer fit: about 1/128 more (at least 32), so appends cost
-    amortized O(1) and never a full copy per decode step."""
-    return capacity_needed + max(32, capacity_needed // 128)
+    """Slots to allocate when `capacity_needed` no longer fit: 1/128 more (at least GROWTH_MIN_SLOTS), so appends
+    cost amortized O(1), never a full copy per decode step, and the slack stays in proportion to what is held
+    (under 1% from 1k tokens on; at most 8 slots, 4% at 200 tokens)."""
+    return capacity_needed + max(GROWTH_MIN_SLOTS, capacity_needed // 128)
 
 
 class PoDLayer(LogicalLength, CacheLayerMixin):

@@ -222,3 +222,19 @@ def test_unreadable_adapter_files_are_plan_errors_naming_the_file(tmp_path, name
     with pytest.raises(PlanError, match=message) as err:
         adapter_fingerprint(folder)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("tokens", [40, 200, 1100])
+def test_growth_slack_is_in_proportion_to_what_is_held(tokens):
+    """At ~200 tokens a planned cache held 16.7% more than it must (storage grew by at least 32 slots); now the
+    slack is at most 8 slots per tensor, and 1/128 of the size from 1k tokens on."""
+    model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=16, max_pos=2048)
+    plan = mixed_plan(model)
+    plan.apply(model)
+    cache = plan.new_cache(model)
+    with torch.no_grad():
+        model(torch.randint(3, 90, (1, tokens)), past_key_values=cache)
+        model(torch.randint(3, 90, (1, 1)), past_key_values=cache)  # one decode step grows the storage
+    report = cache.nbytes() / cache.used_bytes() - 1
+    assert 0 < report <= max(8 / (tokens + 1), 1 / 128) + 1e-9, report
+    remove_plan(model)
