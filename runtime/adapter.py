@@ -42,12 +42,23 @@ def adapter_fingerprint(directory: str | Path) -> str:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
         raise PlanError(f"adapter {weights}: cannot be read as safetensors ({' '.join(str(exc).split())})") from None
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(_canonical(settings), sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return short_digest(h)
+
+
+def _canonical(value):
+    """A configuration with its lists of names sorted: peft writes `target_modules` from a set, in an order that
+    changes with Python's hash seed, and the order of module names means nothing."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_canonical(v) for v in value]
+        return sorted(items) if all(isinstance(v, str) for v in items) else items
+    return value
 
 
 def carried_adapter(model) -> str | None:

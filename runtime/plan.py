@@ -24,6 +24,7 @@ import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -141,6 +142,10 @@ class Plan:
 
     def head_table(self) -> tuple[tuple[HeadSpec, ...], ...]:
         """head_table()[layer][kv_head] -> what that head stores (kind, anchor layer, window)."""
+        return self._head_table
+
+    @cached_property
+    def _head_table(self) -> tuple[tuple[HeadSpec, ...], ...]:  # built once: a plan is immutable
         table = [[None] * self.num_kv_heads for _ in range(self.num_layers)]
         for h, blocks in enumerate(self.blocks):
             for block in blocks:

@@ -238,3 +238,12 @@ def test_growth_slack_is_in_proportion_to_what_is_held(tokens):
     report = cache.nbytes() / cache.used_bytes() - 1
     assert 0 < report <= max(8 / (tokens + 1), 1 / 128) + 1e-9, report
     remove_plan(model)
+
+
+def test_the_adapter_digest_ignores_the_order_peft_writes_module_names_in(tmp_path):
+    folder = _adapter(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "v_proj"]}))
+    first = adapter_fingerprint(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["v_proj", "q_proj"]}))
+    assert adapter_fingerprint(folder) == first
