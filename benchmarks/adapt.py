@@ -100,7 +100,9 @@ def evaluate(args) -> None:
     from eval_sweep import sweep_samples
 
     from ilc.data import read_documents
-    from ilc.evaluate import applied, run, summarize
+    from ilc.eval.methods import applied
+    from ilc.eval.report import summarize
+    from ilc.eval.run import run
     from ilc.models import load_model
     from ilc.runtime import load_plan, remove_plan
 

@@ -18,10 +18,14 @@ import json
 from pathlib import Path
 
 from common import emit_table
-from ilc.baselines import equal_memory_window, streaming_plan, uniform_plan
+from ilc.eval.baselines import equal_memory_window, streaming_plan, uniform_plan
 from ilc.calibrate import CalibrationSettings, calibrate, regroup
 from ilc.data import pack, read_documents
-from ilc.evaluate import RULER_TASKS, EvalConfig, build_samples, held_bytes, run, run_perplexity, summarize, write_prompts
+from ilc.eval.config import EvalConfig, build_samples
+from ilc.eval.records import write_prompts
+from ilc.eval.report import summarize
+from ilc.eval.run import held_bytes, run, run_perplexity
+from ilc.eval.tasks import RULER_TASKS
 from ilc.models import load_model, weights_dir
 
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -104,7 +108,7 @@ def selection_rows(out: str, lengths, depths, seeds, haystack: str | None, targe
     """PoD + token selection: for each target, the mixed plan with selection (`keeps`: share of distant tokens full
     heads keep) and selection alone at the same bytes (`selection-equal`), on the sweep's prompts (records and
     plans under out/selection-*; `benchmarks/peers_table.py` puts them beside kvpress)."""
-    from ilc.baselines import equal_memory_selection, selection_plan
+    from ilc.eval.baselines import equal_memory_selection, selection_plan
 
     out_dir = Path(out)
     model, tok, src = load_model()

@@ -15,7 +15,7 @@ import torch
 
 
 def measure(model, plan, ids, new_tokens: int, label: str):
-    from ilc.evaluate import kv_bytes
+    from ilc.eval.run import kv_bytes
     from ilc.runtime import remove_plan
 
     rows = {}

@@ -19,7 +19,8 @@ from common import emit_table
 from ilc.calibrate import CalibrationSettings, calibrate, regroup
 from ilc.data import default_corpus, read_documents
 from ilc.models import load_model
-from ilc.needle import build_prompt, found
+from ilc.eval.tasks import make_sample
+from ilc.eval.tasks import score as answer_score
 from ilc.runtime import remove_plan
 
 SETTINGS = [
@@ -37,7 +38,7 @@ def main(out: str | None, seq_len: int):
     base = calibrate(CalibrationSettings(seq_len=seq_len), model, tok, src.name, progress=False)
     shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pg_essays"
     hay, hay_name = (read_documents([shared]), "pg_essays") if shared.is_dir() else (default_corpus(), "embedded")
-    prompts = [build_prompt(tok, hay, n, d) for n in (2000, 4000) for d in (0.25, 0.5)]
+    prompts = [make_sample("niah", tok, n, d, 0, hay) for n in (2000, 4000) for d in (0.25, 0.5)]  # the NIAH task
 
     def score(plan):
         hits = 0
@@ -48,13 +49,13 @@ def main(out: str | None, seq_len: int):
             with torch.no_grad():
                 o = model.generate(p.input_ids, attention_mask=torch.ones_like(p.input_ids), max_new_tokens=28,
                                    do_sample=False, pad_token_id=tok.eos_token_id)
-            hits += found(tok.decode(o[0, n:], skip_special_tokens=True), p.answer)
+            hits += answer_score(tok.decode(o[0, n:], skip_special_tokens=True), p.answers, p.rule) == 1.0
         remove_plan(model)
         return hits
 
     lines = [f"SmolLM2-135M-Instruct, fp32 CPU. Calibration: embedded corpus, {base.plan.calibration['samples']} x "
-             f"{seq_len} tokens, windows {base.plan.sinks} + {base.plan.window}. Needles: 'The special magic number "
-             f"is 7481923' in {hay_name} at 2k/4k tokens x depth 25%/50% (4 prompts), greedy, 28 new tokens.", "",
+             f"{seq_len} tokens, windows {base.plan.sinks} + {base.plan.window}. Needles: the NIAH task of `ilc eval` "
+             f"(seed 0) in {hay_name} at 2k/4k tokens x depth 25%/50% (4 prompts), greedy, 28 new tokens.", "",
              "| plan | KV saved at 4k | at 8k | blocks per KV head | needles found |", "|---|---|---|---|---|",
              f"| full model (no compression) | 0% | 0% | 30 | {score(None)}/4 |"]
     print(lines[-1], flush=True)

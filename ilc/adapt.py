@@ -22,68 +22,72 @@ Output directory:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ilc.runtime import Plan, QualityWarning, model_signature, remove_plan
 from ilc.runtime.adapter import adapter_fingerprint, mark_adapter
-from ilc.runtime.heads import HeadKind
-from ilc.runtime.plan import MODES, Adaptation, PlanError
+from ilc.runtime.heads import HeadKind, Mode
+from ilc.runtime.plan import Adaptation, PlanError
 from ilc.runtime.sequence import SequenceForward
 
 from . import options
 from .data import Document, default_corpus, pack, retrieval_samples
-from .options import OptionError
+from .digests import plan_digest, tokens_digest
+from .options import OptionError, enum_words, option
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LAYER_SETS = ("changed", "all")  # which layers get LoRA (`adapted_layers`)
+WARMUP_STEPS = 4  # fixed, not a share of the budget: a longer run passes through a shorter one
 CHECKPOINT, LOG, ADAPTER_DIR, MERGED_DIR, PLAN_FILE = "checkpoint.pt", "log.jsonl", "adapter", "merged", "plan.yaml"
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """Settings of one adaptation run. Everything but `tokens` must match for `--resume`."""
+    """Settings of one adaptation run; each field but `warmup_steps` is also an `ilc adapt` option. Everything but
+    `tokens` must match for `--resume`."""
 
-    tokens: int = 65536  # training budget; steps = ceil(tokens / seq_len), one sequence per step
-    seq_len: int = 2048
-    lr: float = 1e-3
-    rank: int = 8
-    targets: tuple[str, ...] = PROJECTIONS  # projections that get LoRA, in `layers`
-    layers: str = "changed"  # "changed": layers holding a follower or streaming head, and their anchors; "all"
-    mode: str | None = None  # sharing mode to train (None: the plan's)
-    retrieval_share: float = 0.5  # share of the samples that are retrieval samples
-    proximal_weight: float = 0.1  # loss weight of positions the plan does not change
-    lm_weight: float = 0.0  # weight of the next-token loss beside the KL
-    warmup_steps: int = 4  # fixed, not a share of the budget: a longer run passes through a shorter one
-    checkpoint_every: int = 20
-    seed: int = 0
+    tokens: int = option(65536, "training tokens; steps = tokens / --seq-len, rounded up, one sequence per step")
+    seq_len: int = option(2048, "tokens per training sequence, longer than the plan's sinks + shortest window "
+                          "(where its attention starts to differ) and within the model's context")
+    lr: float = option(1e-3, f"learning rate, constant after {WARMUP_STEPS} warm-up steps")
+    rank: int = option(8, "LoRA rank")
+    targets: tuple[str, ...] = option(PROJECTIONS, "projections that get LoRA, a comma list")
+    layers: str = option("changed", "changed: layers with follower or streaming heads and their anchors; all",
+                         choices=lambda: LAYER_SETS)
+    mode: str | None = option(None, "sharing mode to train", choices=lambda: enum_words(Mode),
+                              shown_default="the plan's")
+    retrieval_share: float = option(0.5, "share of samples with planted facts recalled later")
+    proximal_weight: float = option(0.1, "loss weight of positions the plan does not change (within the proximal "
+                                    "window)")
+    lm_weight: float = option(0.0, "weight of the next-token loss beside the KL")
+    warmup_steps: int = option(WARMUP_STEPS, cli=False)
+    checkpoint_every: int = option(20, "steps between checkpoints")
+    seed: int = option(0, "seed of the LoRA init and the sample order")
 
     @property
     def steps(self) -> int:
         return math.ceil(self.tokens / self.seq_len)
 
     def validate(self, max_context: int | None = None) -> None:
-        for name in ("tokens", "seq_len", "lr", "rank", "retrieval_share", "proximal_weight", "lm_weight",
-                     "warmup_steps", "checkpoint_every", "seed"):
-            options.check(name, getattr(self, name))
-        if max_context and self.seq_len > max_context:
-            raise OptionError(f"--seq-len {self.seq_len} exceeds the model's context of {max_context} tokens")
+        options.check_ranges(self)
+        options.check_context("--seq-len", self.seq_len, max_context)
         bad = [t for t in self.targets if t not in PROJECTIONS]
         if not self.targets or bad:
             raise OptionError(f"--targets: expected some of {','.join(PROJECTIONS)}, got {','.join(self.targets)}")
-        if self.layers not in ("changed", "all"):
-            raise OptionError(f"--layers: expected changed or all, got {self.layers!r}")
-        if self.mode is not None and self.mode not in MODES:
-            raise OptionError(f"--mode: expected one of {MODES}, got {self.mode!r}")
+        if self.layers not in LAYER_SETS:
+            raise OptionError(f"--layers: expected {' or '.join(LAYER_SETS)}, got {self.layers!r}")
+        if self.mode is not None and self.mode not in enum_words(Mode):
+            raise OptionError(f"--mode: expected one of {enum_words(Mode)}, got {self.mode!r}")
 
     def identity(self) -> dict:
         """What a resumed run must share with the interrupted one."""
@@ -99,6 +103,37 @@ class AdaptResult:
     losses: list[float]
     seconds: float  # training time of this call (a resumed call: only its own steps)
     tokens_per_second: float
+
+
+def check_plan(plan: Plan, config: AdaptConfig) -> Plan:
+    """The plan as it will be trained (in the mode trained), or OptionError / PlanError, before any work: the config
+    in its ranges and within the plan's model, a plan not adapted yet, and one whose attention differs from the
+    full model's somewhere within --seq-len (else the loss is exactly 0 and the run learns nothing)."""
+    config.validate(plan.model.max_context)
+    if plan.adapted is not None:
+        raise PlanError("this plan is already adapted; adapt the plan it was made from")
+    student = plan.with_options(mode=config.mode or plan.mode)
+    if all(spec.kind == HeadKind.FULL for row in student.head_table() for spec in row):
+        raise OptionError("the plan keeps every head full: it changes nothing, so there is nothing to adapt")
+    first = first_changed_position(student)
+    if first >= config.seq_len:
+        raise OptionError(f"--seq-len {config.seq_len}: the plan changes attention only from position {first} on "
+                          f"({student.sinks} sinks + its shortest window of {first - student.sinks}); training on "
+                          f"sequences no longer than that learns nothing (loss 0): use a --seq-len above {first}")
+    return student
+
+
+def check_adapter_option(plan: Plan, plan_name: str, adapter: str | None) -> None:
+    """`--adapter DIR` and the plan belong together (OptionError before any model loads): an adapted plan needs
+    the adapter it was adapted with, an unadapted plan takes none."""
+    if plan.adapted is None:
+        if adapter:
+            raise OptionError(f"--adapter: {plan_name} has no adapted: section (pass the plan `ilc adapt` wrote)")
+        return
+    if not adapter:
+        raise OptionError(f"{plan_name} is an adapted plan: pass --adapter DIR (the adapter `ilc adapt` wrote)")
+    if adapter_fingerprint(adapter) != plan.adapted.adapter:
+        raise OptionError(f"--adapter {adapter} is not the adapter {plan_name} was adapted with")
 
 
 def adapted_layers(plan: Plan, which: str = "changed") -> list[int]:
@@ -138,8 +173,7 @@ def training_samples(tokenizer, docs: list[Document], config: AdaptConfig
     kinds = [prose, torch.stack(planted)] if planted else [prose]
     pool = torch.cat([k[1:] for k in kinds])
     validation = torch.stack([k[0] for k in kinds])
-    digest = hashlib.sha256(pool.numpy().tobytes() + validation.numpy().tobytes()).hexdigest()[:16]
-    return pool, validation, "sha256:" + digest
+    return pool, validation, tokens_digest(pool, validation)
 
 
 def sample_order(n: int, steps: int, seed: int) -> list[int]:
@@ -181,30 +215,96 @@ def check_out_dir(out: Path, resume: bool) -> None:
 
 def adapt(model, tokenizer, plan: Plan, config: AdaptConfig, out: str | Path, docs: list[Document] | None = None,
           resume: bool = False, merge: bool = False, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None) -> AdaptResult:
+          on_step: Callable[[int, float], None] | None = None,
+          samples: tuple[torch.Tensor, torch.Tensor, str] | None = None) -> AdaptResult:
     """Train a LoRA adapter so that `model` running `plan` matches `model` without it; write the outputs to `out`
-    (see the module docstring). `on_step(step, loss)` is called after every step. The model is left with the
-    adapter merged (`merge`) or wrapped in peft's LoRA layers."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from tqdm.auto import tqdm
-
+    (see the module docstring). `on_step(step, loss)` is called after every step. `samples`: the result of
+    `training_samples(tokenizer, docs, config)` when already built (the CLI builds them before loading the model).
+    The model is left with the adapter merged (`merge`) or wrapped in peft's LoRA layers."""
     out = Path(out)
-    config.validate(plan.model.max_context)
-    if plan.adapted is not None:
-        raise PlanError("this plan is already adapted; adapt the plan it was made from")
+    student_plan = check_plan(plan, config)
     check_out_dir(out, resume)
-    mode = config.mode or plan.mode
-    student_plan = plan.with_options(mode=mode)
+    run = _prepare(model, tokenizer, student_plan, config, out,
+                   samples or training_samples(tokenizer, docs or default_corpus(), config))
+    if resume:
+        run.restore(_read_checkpoint(out, run.identity, config, run.device))
+    out.mkdir(parents=True, exist_ok=True)
+    if run.validation_initial is None:
+        run.validation_initial = run.validation_loss()
+    seconds, trained = _train(run, progress, on_step)
+    return _finish(run, tokenizer, merge, seconds, trained)
+
+
+@dataclass
+class _Run:
+    """One adaptation run: what `_prepare` builds, `_train` advances and `_finish` writes out."""
+
+    out: Path
+    config: AdaptConfig
+    plan: Plan  # the plan as trained (its mode is the mode trained)
+    layers: list[int]
+    base_weights: str  # weights fingerprint of the model before adaptation
+    identity: dict  # what a resumed run must share with this one
+    pool: torch.Tensor
+    validation: torch.Tensor
+    order: list[int]  # pool index of every step
+    base_model: Any  # the model passed in (its weights carry the LoRA layers of `model`)
+    model: Any  # the peft model
+    params: list
+    optimizer: Any
+    schedule: Any
+    weights: torch.Tensor  # loss weight of every position
+    device: Any
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)
+    validation_initial: float | None = None
+
+    def step_loss(self, ids):
+        with torch.no_grad(), self.model.disable_adapter():
+            teacher = self.model(input_ids=ids, use_cache=False, ilc_sequence=SequenceForward.dense()).logits
+        student = self.model(input_ids=ids, use_cache=False, ilc_sequence=SequenceForward.for_plan(self.plan)).logits
+        return distillation_loss(student, teacher, ids, self.weights[:ids.shape[1]], self.config.lm_weight)
+
+    def validation_loss(self) -> float:
+        """Mean loss on the held-apart samples (no gradient; gradient checkpointing is idle without one)."""
+        with torch.no_grad():
+            return sum(self.step_loss(v[None].to(self.device))[0].item() for v in self.validation) / len(self.validation)
+
+    def save_checkpoint(self) -> None:
+        from peft import get_peft_model_state_dict
+
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save({"identity": self.identity, "step": self.step, "losses": self.losses, "kls": self.kls,
+                    "validation_initial": self.validation_initial,
+                    "adapter": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict()}, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+        _write_log(self.out, self.losses, self.kls, self.config.seq_len)
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint (`_read_checkpoint`)."""
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step, self.losses, self.kls = state["step"], state["losses"], state["kls"]
+        self.validation_initial = state["validation_initial"]
+
+
+def _prepare(model, tokenizer, plan: Plan, config: AdaptConfig, out: Path, samples: tuple) -> _Run:
+    """Apply the plan, wrap the model in LoRA layers (seeded) and build the optimizer: a run at step 0."""
+    from peft import LoraConfig, get_peft_model
+
     base_weights = model_signature(model).weights_fingerprint
-    pool, validation, data_digest = training_samples(tokenizer, docs or default_corpus(), config)
+    pool, validation, data_digest = samples
     order = sample_order(len(pool), config.steps, config.seed)
     layers = adapted_layers(plan, config.layers)
-    identity = {"config": config.identity(), "plan": _plan_digest(student_plan), "data": data_digest,
-                "weights": base_weights}
-
+    identity = {"config": config.identity(), "plan": plan_digest(plan), "data": data_digest, "weights": base_weights}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", QualityWarning)  # keys mode on unadapted weights: what this run fixes
-        student_plan.apply(model)
+        plan.apply(model)
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.rank, lora_alpha=2 * config.rank, lora_dropout=0.0, target_modules=list(config.targets),
@@ -215,81 +315,59 @@ def adapt(model, tokenizer, plan: Plan, config: AdaptConfig, out: str | Path, do
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
-    step, losses, kls, validation_initial = 0, [], [], None
-    if resume:
-        state = _read_checkpoint(out, identity, config, device)
-        set_peft_model_state_dict(peft_model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, losses, kls = state["step"], state["losses"], state["kls"]
-        validation_initial = state["validation_initial"]
-
     weights = torch.full((config.seq_len,), config.proximal_weight, device=device)
-    weights[first_changed_position(student_plan):] = 1.0
+    weights[first_changed_position(plan):] = 1.0
+    return _Run(out, config, plan, layers, base_weights, identity, pool, validation, order, model, peft_model, params,
+                optimizer, schedule, weights, device)
 
-    def save_checkpoint():
-        tmp = out / (CHECKPOINT + ".tmp")
-        torch.save({"identity": identity, "step": step, "losses": losses, "kls": kls,
-                    "validation_initial": validation_initial,
-                    "adapter": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict()}, tmp)
-        os.replace(tmp, out / CHECKPOINT)
-        _write_log(out, losses, kls, config.seq_len)
 
-    def step_loss(ids):
-        with torch.no_grad(), peft_model.disable_adapter():
-            teacher = peft_model(input_ids=ids, use_cache=False, ilc_sequence=SequenceForward.dense()).logits
-        student = peft_model(input_ids=ids, use_cache=False,
-                             ilc_sequence=SequenceForward.for_plan(student_plan)).logits
-        return distillation_loss(student, teacher, ids, weights[:ids.shape[1]], config.lm_weight)
+def _train(run: _Run, progress: bool, on_step: Callable[[int, float], None] | None) -> tuple[float, int]:
+    """Train from the run's step to its last, checkpointing; returns (seconds, tokens trained by this call)."""
+    from tqdm.auto import tqdm
 
-    def validation_loss() -> float:
-        """Mean loss on the held-apart samples (no gradient; gradient checkpointing is idle without one)."""
-        with torch.no_grad():
-            return sum(step_loss(v[None].to(device))[0].item() for v in validation) / len(validation)
-
-    out.mkdir(parents=True, exist_ok=True)
-    if validation_initial is None:
-        validation_initial = validation_loss()
-    bar = tqdm(total=config.steps * config.seq_len, initial=step * config.seq_len, unit="tok", unit_scale=True,
+    config = run.config
+    bar = tqdm(total=config.steps * config.seq_len, initial=run.step * config.seq_len, unit="tok", unit_scale=True,
                desc="adapting", disable=not progress)
-    start_step, t0 = step, time.perf_counter()
-    while step < config.steps:
-        loss, kl = step_loss(pool[order[step]][None].to(device))
+    start_step, t0 = run.step, time.perf_counter()
+    while run.step < config.steps:
+        loss, kl = run.step_loss(run.pool[run.order[run.step]][None].to(run.device))
         kl = kl.detach()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(loss.item())
-        kls.append(kl.item())
+        torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+        run.optimizer.step()
+        run.schedule.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        run.losses.append(loss.item())
+        run.kls.append(kl.item())
         bar.update(config.seq_len)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            save_checkpoint()
+        bar.set_postfix(loss=f"{run.losses[-1]:.4f}")
+        if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+            run.save_checkpoint()
         if on_step is not None:
-            on_step(step, losses[-1])
+            on_step(run.step, run.losses[-1])
     bar.close()
-    seconds = time.perf_counter() - t0
-    trained = (step - start_step) * config.seq_len
+    return time.perf_counter() - t0, (run.step - start_step) * config.seq_len
 
-    peft_model.eval()
-    validation_final = validation_loss()
-    _replace_dir(out / ADAPTER_DIR, lambda tmp: peft_model.save_pretrained(str(tmp)))
+
+def _finish(run: _Run, tokenizer, merge: bool, seconds: float, trained: int) -> AdaptResult:
+    """Write the adapter, the merged weights (`merge`) and, last, the adapted plan."""
+    run.model.eval()
+    validation_final = run.validation_loss()
+    out, config, step = run.out, run.config, run.step
+    _replace_dir(out / ADAPTER_DIR, lambda tmp: run.model.save_pretrained(str(tmp)))
     digest = adapter_fingerprint(out / ADAPTER_DIR)
-    adapted = student_plan.with_options(adapted=Adaptation(
-        adapter=digest, base_weights=base_weights, mode=mode,
+    adapted = run.plan.with_options(adapted=Adaptation(
+        adapter=digest, base_weights=run.base_weights, mode=Mode(run.plan.mode).value,  # a plain string in YAML
         tokens=step * config.seq_len, steps=step, rank=config.rank, targets=tuple(config.targets),
-        layers=tuple(layers), loss_initial=validation_initial, loss_final=validation_final))
-    model.gradient_checkpointing_disable()
+        layers=tuple(run.layers), loss_initial=run.validation_initial, loss_final=validation_final))
+    run.base_model.gradient_checkpointing_disable()
     if merge:
-        merged = mark_adapter(peft_model.merge_and_unload(), digest)
+        merged = mark_adapter(run.model.merge_and_unload(), digest)
         remove_plan(merged)
         _replace_dir(out / MERGED_DIR, lambda tmp: _save_model(merged, tokenizer, tmp))
     adapted.save(out / PLAN_FILE)
-    return AdaptResult(adapted, out, step, step * config.seq_len, losses, seconds,
+    return AdaptResult(adapted, out, step, step * config.seq_len, run.losses, seconds,
                        trained / seconds if seconds > 0 else 0.0)
 
 
@@ -313,10 +391,6 @@ def _read_checkpoint(out: Path, identity: dict, config: AdaptConfig, device) -> 
         raise OptionError(f"--resume: the run in {out} already trained {state['step']} steps, more than "
                           f"--tokens {config.tokens} allows ({config.steps})")
     return state
-
-
-def _plan_digest(plan: Plan) -> str:
-    return "sha256:" + hashlib.sha256(plan.to_yaml().encode()).hexdigest()[:16]
 
 
 def _write_log(out: Path, losses: list[float], kls: list[float], seq_len: int) -> None:

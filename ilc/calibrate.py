@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,54 +21,103 @@ from tqdm.auto import tqdm
 
 import ilc
 from ilc.runtime.architectures import model_signature
-from ilc.runtime.heads import SCORERS, HeadKind, HeadSpec, Selection, stored_vectors
-from ilc.runtime.plan import MODES, Block, Plan, blocks_from_layers, streaming_block
+from ilc.runtime.heads import SCORERS, HeadKind, HeadSpec, Mode, Selection, dense_vectors, stored_vectors
+from ilc.runtime.plan import Block, Plan, blocks_from_layers, streaming_block
 
 from . import grouping, options
 from .attention_stats import record_sample, recording, sample_rows
 from .data import load_calibration_set, read_documents, default_corpus, retrieval_samples
-from .models import DEFAULT_MODEL, load_model
-from .options import OptionError
+from .models import DEFAULT_DEVICE, DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, model_context
+from .options import OptionError, check_context, enum_words, option
 from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
-DEFAULT_CRITERION = {"paper": "jsd", "optimal": "output"}
-DEFAULT_THRESHOLD = {"paper": 0.5, "optimal": 0.9}  # optimal floor: measured to keep NIAH on SmolLM2
 MIXED_CRITERION_KEYS = ("assignment", "max_error", "streaming_windows", "total_error", "estimated_saving")
-KINDS = ("follower", "streaming")  # what a (layer, KV head) may become besides full
+KINDS = (HeadKind.FOLLOWER, HeadKind.STREAMING)  # what a (layer, KV head) may become besides full
+KIND_LABELS = tuple(k.label for k in KINDS)
 STREAMING_WINDOWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # candidates, up to half the seq-len
+
+
+@dataclass(frozen=True)
+class Method:
+    """A grouping method of `--method`: its defaults and what it can do (`grouping` has the algorithms)."""
+
+    name: str
+    criterion: str  # default similarity criterion (`similarity.CRITERIA`)
+    threshold: float  # default similarity floor of every follower
+    exact: bool  # reaches a --target-saving and mixes kinds (full, follower, streaming) under a budget
+    group: Callable  # (similarity matrices, floor, settings, followers needed or None, weight) -> blocks per matrix
+
+
+def _optimal_groups(mats, threshold, settings, needed, weight):
+    if needed is None:
+        return [grouping.group_max_saving(m, threshold, settings.max_group_size) for m in mats]
+    return grouping.group_target(mats, needed, settings.max_group_size, threshold, weight=weight)
+
+
+def _paper_groups(mats, threshold, settings, needed, weight):
+    return [grouping.group_paper(m, threshold, settings.max_group_size) for m in mats]
+
+
+METHODS = {m.name: m for m in (
+    Method("optimal", "output", 0.9, True, _optimal_groups),  # floor 0.9: measured to keep NIAH on SmolLM2
+    Method("paper", "jsd", 0.5, False, _paper_groups),  # the paper's greedy rule and delta
+)}
+EXACT_METHODS = ", ".join(m.name for m in METHODS.values() if m.exact)
 
 
 @dataclass
 class CalibrationSettings:
-    """Everything that decides a plan; recorded in it."""
+    """Everything that decides a plan; recorded in it. Each field is also an `ilc calibrate` option."""
 
-    model: str = DEFAULT_MODEL
-    data: list[str] | None = None
-    seq_len: int = 2048
-    samples: int = 8
-    query_rows: int = 32
-    method: str = "optimal"
-    criterion: str | None = None  # default per method: paper -> jsd, optimal -> output
-    min_similarity: float | None = None  # paper: delta; optimal: floor for every follower
-    target_saving: float | None = None  # optimal only: reach this KV saving at target_context
-    target_context: int | None = None  # default: seq_len (where the options' errors are measured)
-    max_group_size: int = 8
-    per_layer: bool = False
-    sinks: int | None = None
-    window: int | None = None
-    window_mass: float = 0.8
-    mode: str = "scores"
-    kinds: tuple[str, ...] = KINDS
-    retrieval_samples: int = 4
-    max_error: float | None = None  # mixed plans: largest output error any one head's option may cost
-    keep: float | None = None  # token selection: share of the distant tokens FULL heads keep (None: no selection)
-    scorer: str = "snapkv"  # token selection's scoring rule (`ilc.runtime.heads.SCORERS`)
-    selection_window: int = 64  # token selection: recent tokens always kept (SnapKV's observation window)
-    device: str = "cpu"
-    dtype: str | None = None
-    device_map: str | None = None
-    seed: int = 0
+    model: str = option(DEFAULT_MODEL, "embedded name (smollm2-135m), HF directory, .gguf file, or hub id in the "
+                        "local cache", positional=True)
+    data: list[str] | None = option(None, ".txt files, directories of them, or .jsonl with a 'text' field",
+                                    shown_default="the embedded public-domain corpus")
+    seq_len: int = option(2048, "tokens per calibration sample, at most the model's context")
+    samples: int = option(8, "at most this many prose samples")
+    query_rows: int = option(32, "query rows recorded per sample")
+    method: str = option("optimal", "optimal: exact choice (mixed plans: Lagrangian DP per head); paper: the "
+                         "paper's greedy rule, followers only", choices=lambda: METHODS)
+    criterion: str | None = option(None, "similarity: output change under sharing, or 1-JSD of distant attention",
+                                   choices=lambda: CRITERIA,
+                                   shown_default=", ".join(f"{m.criterion} for {m.name}" for m in METHODS.values()))
+    min_similarity: float | None = option(None, "similarity floor for every follower (paper: delta)",
+                                          shown_default=", ".join(f"{m.threshold} for {m.name}"
+                                                                  for m in METHODS.values())
+                                          + ", unless --target-saving is given")
+    target_saving: float | None = option(None, "reach this KV saving at --target-context with the least output "
+                                         "error (optimal method); below 0.5 with --kinds follower",
+                                         shown_default="none")
+    target_context: int | None = option(None, "context the target saving is measured at",
+                                        shown_default="--seq-len, where the errors are measured; the saving grows "
+                                        "with context")
+    max_group_size: int = option(8, "layers per block at most")
+    per_layer: bool = option(False, "all KV heads of a layer share the same blocks (with --kinds follower)")
+    sinks: int | None = option(None, "sink tokens", shown_default="chosen from the attention curve")
+    window: int | None = option(None, "follower recent window, below --seq-len / 2",
+                                shown_default="chosen from the attention curve")
+    window_mass: float = option(0.8, "share of attention mass the sinks + window must hold")
+    mode: str = option(Mode.SCORES.value, "scores: followers reuse the anchor's distant logits (training-free); "
+                       "keys: own query on the anchor's keys (adapted models only)", choices=lambda: enum_words(Mode))
+    kinds: tuple[str, ...] = option(KIND_LABELS, "what a (layer, KV head) may become besides full, a comma list: "
+                                    "follower (PoD sharing), streaming (sinks + own window only); --kinds follower "
+                                    "gives PoD-only plans")
+    retrieval_samples: int = option(4, "extra samples with planted facts recalled later and a copied passage, "
+                                    "built from the same text, so that retrieval heads are priced as such")
+    max_error: float | None = option(None, "mixed plans: largest output error any head's option may cost",
+                                     shown_default="0.1 without --target-saving, none with it")
+    keep: float | None = option(None, "token selection (SnapKV-style, once at the end of prefill): the share of "
+                                "distant tokens every full head keeps; followers keep their anchor's choice, "
+                                "streaming heads are unaffected", shown_default="no selection")
+    scorer: str = option("snapkv", "token selection's scoring rule", choices=lambda: SCORERS)
+    selection_window: int = option(64, "token selection: recent tokens always kept and the queries that score; at "
+                                   "least the followers' window")
+    device: str = option(DEFAULT_DEVICE, "torch device (cpu, cuda, cuda:1, mps)")
+    dtype: str | None = option(None, "weights dtype", choices=lambda: DTYPES,
+                               shown_default="bfloat16 on CUDA, else float32")
+    device_map: str | None = option(None, "e.g. auto (accelerate) for models larger than one GPU")
+    seed: int = option(0, "seed of the retrieval samples")
 
     @property
     def selection(self) -> Selection | None:
@@ -77,29 +127,38 @@ class CalibrationSettings:
         return Selection(keep=self.keep, scorer=self.scorer, window=self.selection_window)
 
     @property
+    def head_kinds(self) -> frozenset[HeadKind]:
+        """`kinds` as `HeadKind`s (labels in the settings and the plan, enums in the code)."""
+        return frozenset(HeadKind.from_label(k) for k in self.kinds)
+
+    @property
     def mixed(self) -> bool:
-        """Per-head kinds chosen under a budget (streaming allowed, optimal method)."""
-        return self.method == "optimal" and "streaming" in self.kinds
+        """Per-head kinds chosen under a budget (streaming allowed, an exact method)."""
+        method = METHODS.get(self.method)
+        return method is not None and method.exact and HeadKind.STREAMING.label in self.kinds
 
     def validate(self) -> None:
         """Check every option against its range (`ilc.options.RANGES`) and the combinations; raises OptionError."""
-        for name in ("seq_len", "samples", "query_rows", "min_similarity", "target_saving", "target_context",
-                     "max_group_size", "sinks", "window", "window_mass", "max_error", "retrieval_samples", "seed", "keep",
-                     "selection_window"):
-            options.check(name, getattr(self, name))
-        if self.method not in grouping.METHODS:
-            raise OptionError(f"--method must be one of {', '.join(grouping.METHODS)}, got {self.method!r}")
-        if (self.criterion or DEFAULT_CRITERION[self.method]) not in CRITERIA:
+        options.check_ranges(self)
+        self._validate_names()
+        self._validate_combinations()
+
+    def _validate_names(self) -> None:
+        if self.method not in METHODS:
+            raise OptionError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if (self.criterion or METHODS[self.method].criterion) not in CRITERIA:
             raise OptionError(f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
-        if self.mode not in MODES:
-            raise OptionError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode not in enum_words(Mode):
+            raise OptionError(f"--mode must be one of {', '.join(enum_words(Mode))}, got {self.mode!r}")
         if self.scorer not in SCORERS:
             raise OptionError(f"--scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
-        unknown = [k for k in self.kinds if k not in KINDS]
+        unknown = [k for k in self.kinds if k not in KIND_LABELS]
         if unknown or not self.kinds:
-            raise OptionError(f"--kinds must be a comma list of {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
-        if self.method == "paper" and self.kinds != KINDS and "streaming" in self.kinds:
-            raise OptionError("--method paper groups followers only; it takes no --kinds")
+            raise OptionError(f"--kinds must be a comma list of {', '.join(KIND_LABELS)}, got {','.join(self.kinds)!r}")
+
+    def _validate_combinations(self) -> None:
+        if not METHODS[self.method].exact and self.kinds != KIND_LABELS and HeadKind.STREAMING.label in self.kinds:
+            raise OptionError(f"--method {self.method} groups followers only; it takes no --kinds")
         if self.mixed and self.criterion == "jsd":
             raise OptionError("--criterion jsd cannot price streaming heads: use --criterion output or --kinds follower")
         if self.mixed and self.per_layer:
@@ -109,20 +168,23 @@ class CalibrationSettings:
         if self.max_error is not None and self.min_similarity is not None:
             raise OptionError("give --max-error or --min-similarity, not both")
         if self.target_saving is not None:
-            if self.method != "optimal":
-                raise OptionError("--target-saving needs --method optimal")
-            if self.keep is not None and not self.mixed:
-                raise OptionError("--keep with --target-saving prices heads as mixed plans do: use --method optimal "
-                                  "with streaming in --kinds (the default)")
-            if not self.mixed and self.target_saving >= 0.5:
-                raise OptionError(f"--target-saving must be below 0.5 with --kinds follower (sharing keys saves at "
-                                  f"most half the cache; add streaming to --kinds), got {self.target_saving}")
+            self._validate_target()
         if self.sinks is not None and self.sinks + (self.window or 1) >= self.seq_len // 2:
             raise OptionError(f"--sinks {self.sinks} leaves no distant tokens at the sampled rows of --seq-len "
                               f"{self.seq_len}; use fewer sinks or a longer --seq-len")
         if self.window is not None and self.window >= self.seq_len // 2:
             raise OptionError(f"--window {self.window} leaves no distant tokens at the sampled rows of --seq-len "
                               f"{self.seq_len}; use a window below {self.seq_len // 2}")
+
+    def _validate_target(self) -> None:
+        if not METHODS[self.method].exact:
+            raise OptionError(f"--target-saving needs --method {EXACT_METHODS}")
+        if self.keep is not None and not self.mixed:
+            raise OptionError("--keep with --target-saving prices heads as mixed plans do: use --method optimal "
+                              "with streaming in --kinds (the default)")
+        if not self.mixed and self.target_saving >= 0.5:
+            raise OptionError(f"--target-saving must be below 0.5 with --kinds follower (sharing keys saves at "
+                              f"most half the cache; add streaming to --kinds), got {self.target_saving}")
 
 
 @dataclass
@@ -137,22 +199,27 @@ class CalibrationResult:
 
 def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_name: str | None = None,
               progress: bool = True) -> CalibrationResult:
-    """Run calibration and return the plan (pass `model`/`tokenizer` to reuse a loaded model)."""
+    """Run calibration and return the plan (pass `model`/`tokenizer` to reuse a loaded model).
+
+    Everything the user gave is checked before weights are loaded: the settings, the data (read, and packed with
+    the model's tokenizer) and --seq-len against the model's context (read from its config)."""
     settings.validate()
-    docs = read_documents(settings.data) if settings.data else default_corpus()  # missing or empty: fail now
-    torch.manual_seed(settings.seed)
     started = time.perf_counter()
+    docs = read_documents(settings.data) if settings.data else default_corpus()  # missing or empty: fail now
     if model is None:
-        dtype = getattr(torch, settings.dtype) if settings.dtype else None
-        model, tokenizer, source = load_model(settings.model, settings.device, dtype, settings.device_map)
-        source_name = source.name
-    cfg = model.config.get_text_config()
-    max_context = getattr(cfg, "max_position_embeddings", None)
-    if max_context and settings.seq_len > max_context:
-        raise OptionError(f"--seq-len {settings.seq_len} exceeds the model's context of {max_context} tokens")
+        check_context("--seq-len", settings.seq_len, model_context(settings.model))
+        tokenizer = load_tokenizer(settings.model)
+    else:
+        check_context("--seq-len", settings.seq_len,
+                      getattr(model.config.get_text_config(), "max_position_embeddings", None))
     data = load_calibration_set(tokenizer, settings.data, settings.seq_len, settings.samples, docs)
     retrieval = retrieval_samples(tokenizer, docs, settings.seq_len, settings.retrieval_samples,
                                   settings.query_rows, settings.seed)
+    torch.manual_seed(settings.seed)
+    if model is None:
+        dtype = getattr(torch, settings.dtype) if settings.dtype else None
+        model, _, source = load_model(settings.model, settings.device, dtype, settings.device_map)
+        source_name = source.name
     rows = sample_rows(settings.seq_len, settings.query_rows)
     work = [(sample, rows) for sample in data.samples] + [(r.ids, r.rows) for r in retrieval]
     records = []
@@ -164,7 +231,15 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
     if choice.sinks + choice.window >= settings.seq_len // 2 + 1:
         raise ValueError(f"sinks + window ({choice.sinks} + {choice.window}) leave no distant tokens at the sampled "
                          f"rows of --seq-len {settings.seq_len}; use a longer --seq-len or a smaller --window")
-    criterion = settings.criterion or DEFAULT_CRITERION[settings.method]
+    plan, sim, stream_err, windows = _compile(records, choice, settings, model, source_name, data, retrieval, rows)
+    return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows)
+
+
+def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model, source_name, data, retrieval,
+             rows) -> tuple:
+    """(plan, similarity, streaming errors, streaming windows) from the recorded samples and the chosen windows."""
+    cfg = model.config.get_text_config()
+    criterion = settings.criterion or METHODS[settings.method].criterion
     span = min(settings.max_group_size, cfg.num_hidden_layers)
     sim = CRITERIA[criterion](records, choice.sinks, choice.window, span)  # [Hkv, L, L]
     target_context = settings.target_context or settings.seq_len
@@ -190,25 +265,30 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
             "window_capped": choice.capped,
             "proximal_coverage": round(choice.coverage, 4),
         },
-        calibration={
-            "data": data.description,
-            "data_digest": data.digest,
-            "documents": data.documents,
-            "samples": int(data.samples.shape[0]),
-            "seq_len": settings.seq_len,
-            "tokens": data.tokens,
-            "retrieval_samples": len(retrieval),
-            "query_rows": int(len(rows)),
-            "seed": settings.seed,
-            "dtype": str(model.dtype).replace("torch.", ""),
-            "ilc_version": ilc.__version__,
-            "transformers_version": transformers.__version__,
-            "torch_version": torch.__version__.split("+")[0],
-        },
+        calibration=_provenance(settings, model, data, retrieval, rows),
         distance_curve=choice.curve,
         similarity=_banded(sim, span),
     )
-    return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows)
+    return plan, sim, stream_err, windows
+
+
+def _provenance(settings: CalibrationSettings, model, data, retrieval, rows) -> dict:
+    """The plan's calibration section: what the plan was measured on, and with which versions."""
+    return {
+        "data": data.description,
+        "data_digest": data.digest,
+        "documents": data.documents,
+        "samples": int(data.samples.shape[0]),
+        "seq_len": settings.seq_len,
+        "tokens": data.tokens,
+        "retrieval_samples": len(retrieval),
+        "query_rows": int(len(rows)),
+        "seed": settings.seed,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "ilc_version": ilc.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+    }
 
 
 def _choice_entries(settings: CalibrationSettings, chosen: dict, target_context: int) -> dict:
@@ -223,26 +303,24 @@ def _threshold(settings: CalibrationSettings) -> float | None:
         return settings.min_similarity
     if settings.target_saving is not None:
         return None
-    return DEFAULT_THRESHOLD[settings.method]
+    return METHODS[settings.method].threshold
 
 
 def group_layers(sim: np.ndarray, settings: CalibrationSettings, target_context: int, proximal: int):
     """Blocks per KV head (lists of layer lists) under the settings' method."""
     hkv, n, _ = sim.shape
     mats = [sim.mean(0)] if settings.per_layer else list(sim)
-    threshold = _threshold(settings)
-    if settings.method == "paper":
-        out = [grouping.group_paper(m, threshold, settings.max_group_size) for m in mats]
-    elif settings.target_saving is not None:
+    needed = None
+    if settings.target_saving is not None:
         needed = grouping.followers_for_saving(settings.target_saving, n, hkv, target_context, proximal)
-        weight = hkv if settings.per_layer else 1
-        try:
-            out = grouping.group_target(mats, needed, settings.max_group_size, threshold, weight=weight)
-        except ValueError as exc:
-            raise ValueError(f"--target-saving {settings.target_saving} at {target_context} tokens is out of reach: "
-                             f"{exc}; raise --max-group-size or lower the target") from None
-    else:
-        out = [grouping.group_max_saving(m, threshold, settings.max_group_size) for m in mats]
+    weight = hkv if settings.per_layer else 1
+    try:
+        out = METHODS[settings.method].group(mats, _threshold(settings), settings, needed, weight)
+    except ValueError as exc:
+        if needed is None:
+            raise
+        raise ValueError(f"--target-saving {settings.target_saving} at {target_context} tokens is out of reach: "
+                         f"{exc}; raise --max-group-size or lower the target") from None
     return out * hkv if settings.per_layer else out
 
 
@@ -262,23 +340,13 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
     each option saves beyond that, towards the rest of the target. Followers need values for their whole window,
     so with a selection window below it, heads are full or streaming."""
     if not settings.mixed:
-        return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": ["follower"]}
+        return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": [HeadKind.FOLLOWER.label]}
     hkv, n, _ = sim.shape
-    selection = settings.selection
-    dense = 2 * n * hkv * target_context  # vectors of the whole dense cache
-    saving = lambda spec: (2 * target_context - stored_vectors(spec, target_context, sinks, selection)) / dense  # noqa: E731
-    base = saving(HeadSpec(HeadKind.FULL, 0, 0))  # what selection alone saves per head
-    follower_saving = saving(HeadSpec(HeadKind.FOLLOWER, 0, window)) - base
-    stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w)) for w in windows]) - base
-    allowed = frozenset(settings.kinds)
-    if selection is not None and selection.window < window:  # followers need values for their whole window
-        allowed -= {"follower"}
-    options = [grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_err[h], stream_saving, windows, allowed)
-               for h in range(hkv)]
+    options, base = _head_options(sim, stream_err, windows, settings, target_context, sinks, window)
     max_error = settings.max_error
     if max_error is None and settings.target_saving is None:
         max_error = 1.0 - (settings.min_similarity if settings.min_similarity is not None
-                           else DEFAULT_THRESHOLD["optimal"])
+                           else METHODS[settings.method].threshold)
     size = min(settings.max_group_size, n)
     target = None if settings.target_saving is None else settings.target_saving - base * n * hkv
     try:
@@ -287,6 +355,36 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
     except ValueError as exc:
         raise ValueError(f"--target-saving {settings.target_saving} at {target_context} tokens is out of reach: "
                          f"{exc}; raise --max-group-size or --max-error, or lower the target") from None
+    allowed = options[0].allowed
+    chosen = {"kinds": [k for k in settings.kinds if HeadKind.from_label(k) in allowed],
+              "assignment": "lagrangian-dp", "max_error": max_error, "streaming_windows": list(windows),
+              "total_error": round(error, 4), "estimated_saving": round(saved, 4)}
+    return _blocks_of_segments(sim, segments), chosen
+
+
+def _head_options(sim: np.ndarray, stream_err: np.ndarray, windows: tuple[int, ...], settings: CalibrationSettings,
+                  target_context: int, sinks: int, window: int) -> tuple[list, float]:
+    """(what each option of each KV head costs and saves, what token selection alone saves per head), savings as
+    shares of the whole dense cache at `target_context`."""
+    hkv, n, _ = sim.shape
+    selection = settings.selection
+    dense = dense_vectors(n, hkv, target_context)  # vectors of the whole dense cache
+    head = dense_vectors(1, 1, target_context)  # one dense head
+    saving = lambda spec: (head - stored_vectors(spec, target_context, sinks, selection)) / dense  # noqa: E731
+    base = saving(HeadSpec(HeadKind.FULL, 0, 0))  # what selection alone saves per head
+    follower_saving = saving(HeadSpec(HeadKind.FOLLOWER, 0, window)) - base
+    stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w)) for w in windows]) - base
+    allowed = settings.head_kinds
+    if selection is not None and selection.window < window:  # followers need values for their whole window
+        allowed -= {HeadKind.FOLLOWER}
+    options = [grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_err[h], stream_saving, windows, allowed)
+               for h in range(hkv)]
+    return options, base
+
+
+def _blocks_of_segments(sim: np.ndarray, segments) -> tuple:
+    """Per KV head, the plan's blocks of a mixed assignment's segments (shared blocks with their weakest
+    similarity, and one-layer streaming blocks)."""
     blocks = []
     for h, segs in enumerate(segments):
         head: list[Block] = []
@@ -297,10 +395,7 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
                 low = grouping.blocks_min_similarity(sim[h], [list(seg.layers)])[0]
                 head += blocks_from_layers([seg.layers], [low])
         blocks.append(tuple(head))
-    chosen = {"kinds": [k for k in settings.kinds if k in allowed], "assignment": "lagrangian-dp",
-              "max_error": max_error, "streaming_windows": list(windows), "total_error": round(error, 4),
-              "estimated_saving": round(saved, 4)}
-    return tuple(blocks), chosen
+    return tuple(blocks)
 
 
 def regroup(result: CalibrationResult, settings: CalibrationSettings, target_context: int) -> Plan:

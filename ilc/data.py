@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ilc.runtime.heads import short_digest
+
 
 class CalibrationDataError(ValueError):
     """Calibration data is missing, empty, malformed, or too short for the requested samples."""
@@ -114,7 +116,7 @@ def pack(docs: list[Document], tokenizer, seq_len: int, max_samples: int | None 
             "add text or lower --seq-len"
         )
     samples = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    return CalibrationSet(samples, description, "sha256:" + digest.hexdigest()[:16], len(docs), len(stream))
+    return CalibrationSet(samples, description, short_digest(digest), len(docs), len(stream))
 
 
 def load_calibration_set(tokenizer, data: list[str] | None, seq_len: int, max_samples: int | None = None,
@@ -151,9 +153,15 @@ def retrieval_samples(tokenizer, docs: list[Document], seq_len: int, count: int,
         return []
     stream = tokenizer(" ".join(d.text for d in docs), add_special_tokens=False)["input_ids"]
     words = sorted({w for d in docs for w in d.text.split() if w.isalpha() and 5 <= len(w) <= 10 and w.islower()})
-    if len(words) < facts or len(stream) < seq_len // 2:
-        raise CalibrationDataError(f"the calibration text is too short to build retrieval samples of {seq_len} "
-                                   f"tokens; add text, lower --seq-len or pass {off_switch}")
+    if len(words) < facts:
+        raise CalibrationDataError(f"retrieval samples name each planted fact by a distinct lower-case word of 5 to "
+                                   f"10 letters; the text has {len(words)} such words, {facts} are needed (scripts "
+                                   f"without case, such as Chinese or Japanese, have none): add such text or pass "
+                                   f"{off_switch}")
+    if len(stream) < seq_len // 2:
+        raise CalibrationDataError(f"the text has {len(stream)} tokens; retrieval samples of --seq-len {seq_len} "
+                                   f"need at least {seq_len // 2} tokens of prose: add text, lower --seq-len or pass "
+                                   f"{off_switch}")
     rng = random.Random(seed)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     copy_len = max(4, min(48, seq_len // 16))

@@ -4,7 +4,7 @@ A block's first layer is its anchor; every other layer (a follower) saves its di
 A block is admissible when it has at most `max_size` layers and (optionally) every follower's similarity to
 the anchor is at least `min_similarity`. Its loss is the sum over followers of (1 - sim[anchor, follower]).
 
-Methods, registered by name:
+Methods (registered by name in `ilc.calibrate.METHODS`):
 - ``paper``: the paper's greedy bottom-up rule: a layer joins the current block while its similarity to the
   block's anchor is >= the threshold (delta = 0.5 in the paper).
 - ``optimal``: exact. Either the most followers (most bytes saved) under `min_similarity`, as a shortest
@@ -25,6 +25,8 @@ from typing import Sequence
 
 import networkx as nx
 import numpy as np
+
+from ilc.runtime.heads import HeadKind, dense_vectors
 
 Blocks = list[list[int]]
 
@@ -132,15 +134,12 @@ def followers_for_saving(saving: float, num_layers: int, num_kv_heads: int, cont
     """Follower (layer, KV head) pairs needed for `saving` of KV bytes at `context` tokens (paper section 4.4)."""
     if context <= proximal:
         raise ValueError(f"the window ({proximal} proximal tokens) covers the whole context {context}: no saving")
-    per_follower = (context - proximal) / (2 * num_layers * num_kv_heads * context)
+    per_follower = (context - proximal) / dense_vectors(num_layers, num_kv_heads, context)
     return math.ceil(saving / per_follower - 1e-9)
 
 
 def blocks_min_similarity(sim: np.ndarray, blocks: Blocks) -> list[float | None]:
     return [min((float(sim[b[0], f]) for f in b[1:]), default=None) for b in blocks]
-
-
-METHODS = ("paper", "optimal")
 
 
 @dataclass(frozen=True)
@@ -149,14 +148,18 @@ class HeadOptions:
 
     follower_error[a, f]: layer f follows anchor a (a < f < a + max_size); follower_saving: one follower's saving;
     streaming_error[layer, k] and streaming_saving[k]: the layer as a STREAMING head with windows[k];
-    allowed: which of "follower", "streaming" may be chosen ("full" always may)."""
+    allowed: which of HeadKind.FOLLOWER, HeadKind.STREAMING may be chosen (FULL always may; labels are accepted)."""
 
     follower_error: np.ndarray
     follower_saving: float
     streaming_error: np.ndarray
     streaming_saving: np.ndarray
     windows: tuple[int, ...]
-    allowed: frozenset
+    allowed: frozenset[HeadKind]
+
+    def __post_init__(self):
+        kinds = frozenset(k if isinstance(k, HeadKind) else HeadKind.from_label(k) for k in self.allowed)
+        object.__setattr__(self, "allowed", kinds)
 
 
 @dataclass(frozen=True)
@@ -180,12 +183,13 @@ def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | 
     for end in range(1, n + 1):
         for a in range(max(0, end - max_size), end):
             errs = opt.follower_error[a, a + 1:end]
-            if end - a > 1 and ("follower" not in opt.allowed or (max_error is not None and errs.max() > max_error)):
+            if end - a > 1 and (HeadKind.FOLLOWER not in opt.allowed
+                                or (max_error is not None and errs.max() > max_error)):
                 continue
             cost = best[a] + float(errs.sum()) - lam * opt.follower_saving * (end - a - 1)
             if cost < best[end]:
                 best[end], how[end] = cost, (a, None)
-        if "streaming" in opt.allowed and len(opt.windows):
+        if HeadKind.STREAMING in opt.allowed and len(opt.windows):
             k = int(np.argmin(stream_cost[end - 1]))
             cost = best[end - 1] + float(stream_cost[end - 1, k])
             if cost < best[end]:

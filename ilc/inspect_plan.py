@@ -2,160 +2,286 @@
 
 `format_plan` returns the text `ilc inspect` prints; `plot_plan` draws the kind of every (layer, KV head), the
 similarity heatmaps with block boundaries, and the proximal-coverage curve (needs the optional matplotlib extra).
+
+The free-form sections (`criterion`, `calibration`, `distance_curve`, `similarity`) are whatever the file holds:
+a section, or a value in it, that is not of the shape ilc writes is shown as written (shortened), never trusted.
+Nothing here loops over more than the plan's head table once: per-head listings and plots show at most
+`SHOWN_HEADS` / `PLOTTED_HEADS` heads and `SHOWN_LAYERS` layers, and the savings at every context come from the
+counts of each (kind, window) pair, not from a pass over the table per context.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from ilc.runtime.heads import KIND_NAMES, HeadKind, stored_vectors
+from ilc.runtime.heads import BlockKind, HeadKind, HeadSpec, Mode, dense_vectors, stored_vectors
 from ilc.runtime.plan import Plan
 
+from .options import check_plot_path, check_ranges, check_writable, option, plot_path
+
 KIND_LETTERS = {HeadKind.FULL: "F", HeadKind.FOLLOWER: "f", HeadKind.STREAMING: "s"}
+KIND_COLORS = {HeadKind.FULL: "#4c72b0", HeadKind.FOLLOWER: "#dd8452", HeadKind.STREAMING: "#55a868"}
 
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+SHOWN_HEADS = 32  # KV heads listed one per line (the rest are counted)
+SHOWN_LAYERS = 128  # layers shown in the kind grid and blocks per line
+PLOTTED_HEADS = 8  # similarity heatmaps drawn
+LABELLED_CELLS = 4096  # streaming windows written into the kind plot up to this many (layer, head) cells
+VERBATIM_CHARS = 300  # a section shown as written is cut after this many characters
 
 
-def _span(layers) -> str:
-    return f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+@dataclass(frozen=True)
+class InspectOptions:
+    """`ilc inspect`'s options besides the plan."""
+
+    context: int | None = option(None, "context length to price", shown_default="the model's maximum")
+    batch: int = option(1, "sequences")
+    dtype_bytes: int = option(2, "bytes per cached element (2: bf16/fp16)", choices=lambda: (1, 2, 4))
+    plot: str | None = option(None, "write a plot (the suffix names the format, e.g. .png): kinds per head, "
+                              "similarity heatmaps with blocks, the window curve", parse=plot_path)
+
+
+class _Unexpected(Exception):
+    """A free-form value is not of the shape ilc writes."""
+
+
+def _number(value, optional: bool = True):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Unexpected
+    return value
+
+
+def _scalar(value):
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        raise _Unexpected
+    return value
+
+
+def _verbatim(value) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= VERBATIM_CHARS else f"{text[:VERBATIM_CHARS]}... ({len(text)} characters)"
+
+
+def _section(name: str, value, render) -> list[str]:
+    """render(value), or the section as written when it is not of the shape `render` expects."""
+    try:
+        if not isinstance(value, dict):
+            raise _Unexpected
+        return render(value)
+    except _Unexpected:
+        return [f"{name} (as written, not in ilc's layout): {_verbatim(value)}"]
+
+
+@dataclass(frozen=True)
+class _Footprint:
+    """How many (layer, KV head) pairs hold each (kind, window): enough to price the plan at any context."""
+
+    plan: Plan
+    counts: Counter  # (HeadKind, window) -> (layer, KV head) pairs
+
+    @classmethod
+    def of(cls, plan: Plan, table) -> "_Footprint":
+        return cls(plan, Counter((spec.kind, spec.window) for row in table for spec in row))
+
+    def kind_count(self, kind: HeadKind) -> int:
+        return sum(n for (k, _), n in self.counts.items() if k == kind)
+
+    def vectors(self, context: int, kind: HeadKind | None = None) -> tuple[int, int]:
+        """(dense, planned) K and V head-token vectors at `context` tokens, of every head or of one kind."""
+        planned, heads = 0, 0
+        for (k, window), n in self.counts.items():
+            if kind is None or k == kind:
+                planned += n * stored_vectors(HeadSpec(k, 0, window), context, self.plan.sinks, self.plan.selection)
+                heads += n
+        return dense_vectors(1, heads, context), planned
+
+    def saving(self, context: int) -> float:
+        dense, planned = self.vectors(context)
+        return 1.0 - planned / dense
 
 
 def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, batch: int = 1) -> str:
     m = plan.model
-    c = plan.criterion
-    cal = plan.calibration
     context = context or m.max_context
-    lines = [
-        f"plan for {m.name} ({m.architecture}; {m.num_layers} layers, {m.num_attention_heads} query / "
-        f"{m.num_kv_heads} KV heads, head_dim {m.head_dim}, context {m.max_context})",
-        f"mode: {plan.mode}" + (f", skip distant attention when proximal mass >= {plan.skip_threshold}"
-                                if plan.skip_threshold else ""),
-        f"windows: {plan.sinks} sink tokens + {plan.window} recent tokens keep full per-layer K and V"
-        + (f" (covers {c['proximal_coverage']:.0%} of attention mass)" if "proximal_coverage" in c else ""),
-    ]
-    if c:
-        rule = (f"min similarity {c.get('min_similarity')}" if c.get("min_similarity") is not None else "")
-        if c.get("target_saving"):
-            rule = f"target saving {c['target_saving']:.0%} at {c['target_context']} tokens" + (f", {rule}" if rule
-                                                                                                 else "")
-        lines.append(f"grouping: {c.get('method')} on {c.get('similarity')} similarity, {rule}, "
-                     f"max group {c.get('max_group_size')}{', per layer' if c.get('per_layer') else ''}")
-    if cal:
-        retrieval = f" + {cal['retrieval_samples']} retrieval samples" if cal.get("retrieval_samples") else ""
-        lines.append(f"calibrated on: {cal.get('data')} [{cal.get('data_digest')}], {cal.get('samples')} x "
-                     f"{cal.get('seq_len')} tokens{retrieval}, {cal.get('query_rows')} query rows per sample, "
-                     f"transformers {cal.get('transformers_version')}, ilc {cal.get('ilc_version')}")
-    if c.get("assignment"):
-        lines.append(f"kinds: {', '.join(c.get('kinds', []))} or full, chosen by {c['assignment']}"
-                     + (f", max error per head {c['max_error']}" if c.get("max_error") is not None else "")
-                     + (f"; total output error {c['total_error']}" if c.get("total_error") is not None else ""))
-    if plan.selection:
-        sel = plan.selection
-        lines.append(f"selection: {sel.scorer} at the end of prefill: full heads keep {plan.sinks} sinks + the last "
-                     f"{sel.window} tokens + the best {sel.keep:.0%} of the others (scored by the last "
-                     f"{sel.observation} prompt queries); followers keep their anchor's tokens, streaming heads are "
-                     "unaffected; tokens after the prompt are all kept")
-    if plan.adapted:
-        a = plan.adapted
-        lines.append(f"adapted: LoRA rank {a.rank} on {', '.join(a.targets)} of {len(a.layers)} layers, {a.mode} mode, "
-                     f"{a.tokens} tokens ({a.steps} steps), distillation loss {a.loss_initial:.4f} -> "
-                     f"{a.loss_final:.4f}; runs only with adapter {a.adapter} "
-                     "(plan.apply(model, adapter=DIR), or the merged weights)")
-    lines.append("")
-    lines.append("kind per layer and KV head (F full, f follower, s streaming):")
     table = plan.head_table()
-    lines.append("  layer   " + " ".join(f"{i % 10}" for i in range(m.num_layers)))
-    for h in range(m.num_kv_heads):
-        lines.append(f"  head {h:<3}" + " ".join(KIND_LETTERS[table[i][h].kind] for i in range(m.num_layers)))
-    lines.append("  " + ", ".join(f"{n} {name}" for name, n in plan.kind_counts().items()) + " (layer, KV head) pairs")
-    lines.append("")
-    lines.append("blocks per KV head (anchor layer first; [min follower similarity]; sN = streaming, window N):")
-    for h, blocks in enumerate(plan.blocks):
-        parts = [_span(b.layers) + (f" s{b.window}" if b.kind == "streaming" else "")
-                 + (f" [{b.similarity:.2f}]" if b.similarity is not None else "") for b in blocks]
-        lines.append(f"  head {h}: {len(blocks)} blocks, {sum(len(b.followers) for b in blocks)} followers: "
-                     + " | ".join(parts))
-    lines.append(f"mean blocks per KV head: {plan.mean_blocks_per_head:.1f} of {m.num_layers} layers")
-    lines.append("")
-    lines.append(f"{'context':>8} {'dense KV':>10} {'planned KV':>11} {'saved':>6}   (batch {batch}, "
-                 f"{dtype_bytes} bytes/element)")
-    shown = sorted({*[x for x in CONTEXTS if x <= max(context, 1024)], context})
-    for n in shown:
-        dense, planned = plan.kv_bytes(n, batch=batch, dtype_bytes=dtype_bytes)
-        mark = " <- --context" if n == context else ""
-        lines.append(f"{n:>8} {_mib(dense):>10} {_mib(planned):>11} {plan.estimated_saving(n):>6.1%}{mark}")
-    ceiling = plan.estimated_saving(10**9)
-    lines.append(f"(saving grows with context towards {ceiling:.1%}: proximal tokens are always kept)"
-                 + (" (with selection: right after a prompt of that length)" if plan.selection else ""))
-    lines.append("")
-    lines.append(f"bytes by kind at {context} tokens:")
-    per_vector = batch * m.head_dim * dtype_bytes
-    for kind, name in KIND_NAMES.items():
-        specs = [spec for row in table for spec in row if spec.kind == kind]
-        held = sum(stored_vectors(spec, context, plan.sinks, plan.selection) for spec in specs) * per_vector
-        dense = 2 * context * len(specs) * per_vector
-        if specs:
-            lines.append(f"  {name:<10} {len(specs):>4} heads {_mib(held):>11} held of {_mib(dense):>11} dense")
+    footprint = _Footprint.of(plan, table)
+    lines = _header_lines(plan)
+    lines += _section("criterion", plan.criterion, _criterion_lines) if plan.criterion else []
+    lines += _section("calibration", plan.calibration, _calibration_lines) if plan.calibration else []
+    if isinstance(plan.criterion, dict):
+        rule = {k: plan.criterion.get(k) for k in ("assignment", "kinds", "max_error", "total_error")}
+        lines += _section("criterion (kinds)", rule, _kinds_rule_lines)
+    lines += _selection_lines(plan) + _adapted_lines(plan)
+    lines += ["", *_kind_grid_lines(plan, table, footprint), "", *_block_lines(plan), ""]
+    lines += _savings_lines(plan, footprint, context, batch, dtype_bytes)
+    lines += ["", *_bytes_by_kind_lines(footprint, context, batch * m.head_dim * dtype_bytes)]
     if context > m.max_context:
         lines.append(f"warning: --context {context} exceeds the model's limit of {m.max_context}")
-    if plan.mode == "keys":
+    if plan.mode == Mode.KEYS:
         from ilc.runtime.apply import KEYS_MODE_WARNING
 
         lines.append(f"warning: {KEYS_MODE_WARNING}")
     return "\n".join(lines)
 
 
+def _header_lines(plan: Plan) -> list[str]:
+    m = plan.model
+    coverage = plan.criterion.get("proximal_coverage") if isinstance(plan.criterion, dict) else None
+    covers = (f" (covers {coverage:.0%} of attention mass)"
+              if isinstance(coverage, (int, float)) and not isinstance(coverage, bool) else "")
+    return [
+        f"plan for {m.name} ({m.architecture}; {m.num_layers} layers, {m.num_attention_heads} query / "
+        f"{m.num_kv_heads} KV heads, head_dim {m.head_dim}, context {m.max_context})",
+        f"mode: {plan.mode}" + (f", skip distant attention when proximal mass >= {plan.skip_threshold}"
+                                if plan.skip_threshold else ""),
+        f"windows: {plan.sinks} sink tokens + {plan.window} recent tokens keep full per-layer K and V{covers}",
+    ]
+
+
+def _criterion_lines(c: dict) -> list[str]:
+    if not isinstance(c.get("method"), str) or not isinstance(c.get("similarity"), str):
+        raise _Unexpected
+    floor = _number(c.get("min_similarity"))
+    rule = f"min similarity {floor}" if floor is not None else ""
+    if _number(c.get("target_saving")):
+        rule = f"target saving {c['target_saving']:.0%} at {_scalar(c.get('target_context'))} tokens" + (
+            f", {rule}" if rule else "")
+    return [f"grouping: {c['method']} on {c['similarity']} similarity, {rule}, "
+            f"max group {_scalar(c.get('max_group_size'))}{', per layer' if c.get('per_layer') else ''}"]
+
+
+def _calibration_lines(cal: dict) -> list[str]:
+    if "data" not in cal or "seq_len" not in cal:
+        raise _Unexpected
+    get = lambda key: _scalar(cal.get(key))  # noqa: E731
+    retrieval = f" + {get('retrieval_samples')} retrieval samples" if get("retrieval_samples") else ""
+    return [f"calibrated on: {get('data')} [{get('data_digest')}], {get('samples')} x {get('seq_len')} tokens"
+            f"{retrieval}, {get('query_rows')} query rows per sample, transformers {get('transformers_version')}, "
+            f"ilc {get('ilc_version')}"]
+
+
+def _kinds_rule_lines(c: dict) -> list[str]:
+    if not c.get("assignment"):
+        return []
+    kinds = c.get("kinds", [])
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise _Unexpected
+    max_error, total = _number(c.get("max_error")), _number(c.get("total_error"))
+    return [f"kinds: {', '.join(kinds)} or full, chosen by {_scalar(c['assignment'])}"
+            + (f", max error per head {max_error}" if max_error is not None else "")
+            + (f"; total output error {total}" if total is not None else "")]
+
+
+def _selection_lines(plan: Plan) -> list[str]:
+    if not plan.selection:
+        return []
+    sel = plan.selection
+    return [f"selection: {sel.scorer} at the end of prefill: full heads keep {plan.sinks} sinks + the last "
+            f"{sel.window} tokens + the best {sel.keep:.0%} of the others (scored by the last {sel.observation} "
+            "prompt queries); followers keep their anchor's tokens, streaming heads are unaffected; tokens after "
+            "the prompt are all kept"]
+
+
+def _adapted_lines(plan: Plan) -> list[str]:
+    if not plan.adapted:
+        return []
+    a = plan.adapted
+    return [f"adapted: LoRA rank {a.rank} on {', '.join(a.targets)} of {len(a.layers)} layers, {a.mode} mode, "
+            f"{a.tokens} tokens ({a.steps} steps), distillation loss {a.loss_initial:.4f} -> {a.loss_final:.4f}; "
+            f"runs only with adapter {a.adapter} (plan.apply(model, adapter=DIR), or the merged weights)"]
+
+
+def _more(shown: int, total: int, what: str) -> list[str]:
+    return [f"  ... {total - shown} more {what}"] if total > shown else []
+
+
+def _kind_grid_lines(plan: Plan, table, footprint: _Footprint) -> list[str]:
+    layers = min(plan.num_layers, SHOWN_LAYERS)
+    heads = min(plan.num_kv_heads, SHOWN_HEADS)
+    more_layers = " ..." if plan.num_layers > layers else ""
+    lines = ["kind per layer and KV head (F full, f follower, s streaming):",
+             "  layer   " + " ".join(f"{i % 10}" for i in range(layers)) + more_layers]
+    for h in range(heads):
+        lines.append(f"  head {h:<3}" + " ".join(KIND_LETTERS[table[i][h].kind] for i in range(layers)) + more_layers)
+    lines += _more(heads, plan.num_kv_heads, "KV heads")
+    counts = ", ".join(f"{footprint.kind_count(kind)} {kind.label}" for kind in HeadKind)
+    return lines + [f"  {counts} (layer, KV head) pairs"]
+
+
+def _block_lines(plan: Plan) -> list[str]:
+    lines = ["blocks per KV head (anchor layer first; [min follower similarity]; sN = streaming, window N):"]
+    for h, blocks in enumerate(plan.blocks[:SHOWN_HEADS]):
+        parts = [_span(b.layers) + (f" s{b.window}" if b.kind == BlockKind.STREAMING else "")
+                 + (f" [{b.similarity:.2f}]" if b.similarity is not None else "") for b in blocks[:SHOWN_LAYERS]]
+        lines.append(f"  head {h}: {len(blocks)} blocks, {sum(len(b.followers) for b in blocks)} followers: "
+                     + " | ".join(parts) + (" | ..." if len(blocks) > SHOWN_LAYERS else ""))
+    lines += _more(min(len(plan.blocks), SHOWN_HEADS), len(plan.blocks), "KV heads")
+    return lines + [f"mean blocks per KV head: {plan.mean_blocks_per_head:.1f} of {plan.num_layers} layers"]
+
+
+def _span(layers) -> str:
+    return f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+
+
+def _savings_lines(plan: Plan, footprint: _Footprint, context: int, batch: int, dtype_bytes: int) -> list[str]:
+    lines = [f"{'context':>8} {'dense KV':>10} {'planned KV':>11} {'saved':>6}   (batch {batch}, "
+             f"{dtype_bytes} bytes/element)"]
+    per_vector = batch * plan.model.head_dim * dtype_bytes
+    for n in sorted({*[x for x in CONTEXTS if x <= max(context, 1024)], context}):
+        dense, planned = footprint.vectors(n)
+        mark = " <- --context" if n == context else ""
+        lines.append(f"{n:>8} {_mib(dense * per_vector):>10} {_mib(planned * per_vector):>11} "
+                     f"{footprint.saving(n):>6.1%}{mark}")
+    lines.append(f"(saving grows with context towards {footprint.saving(10**9):.1%}: proximal tokens are always "
+                 "kept)" + (" (with selection: right after a prompt of that length)" if plan.selection else ""))
+    return lines
+
+
+def _bytes_by_kind_lines(footprint: _Footprint, context: int, per_vector: int) -> list[str]:
+    lines = [f"bytes by kind at {context} tokens:"]
+    for kind in HeadKind:
+        count = footprint.kind_count(kind)
+        if count:
+            dense, held = footprint.vectors(context, kind)
+            lines.append(f"  {kind.label:<10} {count:>4} heads {_mib(held * per_vector):>11} held of "
+                         f"{_mib(dense * per_vector):>11} dense")
+    return lines
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+# ------------------------------------------------------------------------------------------------------- plots
 def plot_plan(plan: Plan, path: str | Path) -> Path:
-    """Similarity heatmap per KV head with block boundaries, and the proximal-coverage curve, as a PNG."""
-    try:
-        import matplotlib
+    """Kinds per head, a similarity heatmap per KV head (the first `PLOTTED_HEADS`) with block boundaries, and the
+    proximal-coverage curve, in the format `path`'s suffix names; writes exactly `path`."""
+    check_plot_path(path)
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        raise SystemExit("ilc inspect --plot needs matplotlib: pip install 'ilc[plot]'") from None
-    n = plan.num_layers
-    sim = plan.similarity.get("per_head")
-    heads = plan.num_kv_heads
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = min(plan.num_kv_heads, PLOTTED_HEADS)
+    table = plan.head_table()
     fig, axes = plt.subplots(1, heads + 2, figsize=(4.2 * (heads + 2), 4.2))
-    _plot_kinds(plan, axes[0], plt, np)
-    axes = axes[1:]
+    _plot_kinds(plan, table, axes[0], plt)
+    image = None
     for h in range(heads):
-        ax = axes[h]
-        mat = np.full((n, n), np.nan)
-        if sim:
-            for a, row in enumerate(sim[h]):
-                mat[a, a] = 1.0
-                for k, v in enumerate(row):
-                    mat[a, a + 1 + k] = v
-        image = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", origin="upper")
-        for b in plan.blocks[h]:
-            if b.kind == "streaming":
-                continue
-            lo, hi = b.layers[0] - 0.5, b.layers[-1] + 0.5
-            ax.add_patch(plt.Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="red", linewidth=1.2))
-        ax.set_title(f"KV head {h}: {len(plan.blocks[h])} blocks")
-        ax.set_xlabel("follower layer")
-        ax.set_ylabel("anchor layer")
-    fig.colorbar(image, ax=axes[heads - 1], fraction=0.046, pad=0.04, label="similarity")
-    ax = axes[-1]
-    cov = plan.distance_curve.get("coverage_by_window", {})
-    if cov:
-        ws = sorted(int(w) for w in cov)
-        ax.plot(ws, [cov[w] if w in cov else cov[str(w)] for w in ws], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.axvline(plan.window, color="red", linestyle="--", label=f"window {plan.window}")
-        ax.legend()
-    ax.set_title(f"attention mass on {plan.sinks} sinks + recent window")
-    ax.set_xlabel("recent window (tokens)")
-    ax.set_ylim(0, 1)
-    fig.suptitle(f"{plan.model.name}: {plan.criterion.get('similarity', '?')} similarity "
-                 f"(saves {plan.estimated_saving(plan.model.max_context):.0%} at {plan.model.max_context} tokens)")
+        image = _plot_similarity(plan, h, axes[1 + h], plt)
+    if image is not None:
+        fig.colorbar(image, ax=axes[heads], fraction=0.046, pad=0.04, label="similarity")
+    _plot_coverage(plan, axes[-1])
+    similarity = plan.criterion.get("similarity") if isinstance(plan.criterion, dict) else None
+    shown = f" (first {heads} of {plan.num_kv_heads} KV heads)" if heads < plan.num_kv_heads else ""
+    saving = _Footprint.of(plan, table).saving(plan.model.max_context)
+    fig.suptitle(f"{plan.model.name}: {similarity if isinstance(similarity, str) else '?'} similarity "
+                 f"(saves {saving:.0%} at {plan.model.max_context} tokens){shown}")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
@@ -163,22 +289,89 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     return path
 
 
-def _plot_kinds(plan: Plan, ax, plt, np) -> None:
+def _similarity_matrix(plan: Plan, h: int):
+    """The banded similarity of KV head `h` as an [L, L] array (NaN where the plan has no number)."""
+    import numpy as np
+
+    n = plan.num_layers
+    mat = np.full((n, n), np.nan)
+    per_head = plan.similarity.get("per_head") if isinstance(plan.similarity, dict) else None
+    rows = per_head[h] if isinstance(per_head, list) and h < len(per_head) else None
+    if not isinstance(rows, list):
+        return mat
+    for a, row in enumerate(rows[:n]):
+        mat[a, a] = 1.0
+        if isinstance(row, list):
+            for k, v in enumerate(row[:n - a - 1]):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    mat[a, a + 1 + k] = v
+    return mat
+
+
+def _plot_similarity(plan: Plan, h: int, ax, plt):
+    image = ax.imshow(_similarity_matrix(plan, h), vmin=0, vmax=1, cmap="viridis", origin="upper")
+    for b in plan.blocks[h]:
+        if b.kind == BlockKind.STREAMING:
+            continue
+        lo, hi = b.layers[0] - 0.5, b.layers[-1] + 0.5
+        ax.add_patch(plt.Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="red", linewidth=1.2))
+    ax.set_title(f"KV head {h}: {len(plan.blocks[h])} blocks")
+    ax.set_xlabel("follower layer")
+    ax.set_ylabel("anchor layer")
+    return image
+
+
+def _coverage_points(plan: Plan) -> list[tuple[int, float]]:
+    """(window, coverage) of the plan's distance curve, the entries that are numbers."""
+    cov = plan.distance_curve.get("coverage_by_window") if isinstance(plan.distance_curve, dict) else None
+    if not isinstance(cov, dict):
+        return []
+    points = []
+    for w, value in cov.items():
+        window = w if isinstance(w, int) else int(w) if isinstance(w, str) and w.isdigit() else None
+        if window and not isinstance(window, bool) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            points.append((window, value))
+    return sorted(points)
+
+
+def _plot_coverage(plan: Plan, ax) -> None:
+    points = _coverage_points(plan)
+    if points:
+        ax.plot([w for w, _ in points], [c for _, c in points], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.axvline(plan.window, color="red", linestyle="--", label=f"window {plan.window}")
+        ax.legend()
+    ax.set_title(f"attention mass on {plan.sinks} sinks + recent window")
+    ax.set_xlabel("recent window (tokens)")
+    ax.set_ylim(0, 1)
+
+
+def _plot_kinds(plan: Plan, table, ax, plt) -> None:
     """The kind of every (layer, KV head), streaming heads labelled with their window."""
+    import numpy as np
     from matplotlib.colors import ListedColormap
 
-    table = plan.head_table()
     grid = np.array([[int(spec.kind) for spec in row] for row in table]).T  # [heads, layers]
-    ax.imshow(grid, cmap=ListedColormap(["#4c72b0", "#dd8452", "#55a868"]), vmin=0, vmax=2, aspect="auto")
-    for layer, row in enumerate(table):
-        for h, spec in enumerate(row):
-            if spec.kind == HeadKind.STREAMING:
-                ax.text(layer, h, str(spec.window), ha="center", va="center", fontsize=5, rotation=90)
-    ax.set_yticks(range(plan.num_kv_heads))
+    ax.imshow(grid, cmap=ListedColormap([KIND_COLORS[k] for k in HeadKind]), vmin=0, vmax=len(HeadKind) - 1,
+              aspect="auto")
+    if grid.size <= LABELLED_CELLS:
+        for layer, row in enumerate(table):
+            for h, spec in enumerate(row):
+                if spec.kind == HeadKind.STREAMING:
+                    ax.text(layer, h, str(spec.window), ha="center", va="center", fontsize=5, rotation=90)
+    ax.set_yticks(range(0, plan.num_kv_heads, max(1, plan.num_kv_heads // 16)))
     ax.set_xlabel("layer")
     ax.set_ylabel("KV head")
-    counts = plan.kind_counts()
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#4c72b0", "#dd8452", "#55a868")]
-    ax.legend(handles, [f"{k} ({counts[k]})" for k in ("full", "follower", "streaming")], fontsize=7,
-              loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    counts = _Footprint.of(plan, table)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS[k]) for k in HeadKind]
+    ax.legend(handles, [f"{k.label} ({counts.kind_count(k)})" for k in HeadKind], fontsize=7,
+              loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(HeadKind))
     ax.set_title("kind per head (streaming: window)")
+
+
+def check_options(options: InspectOptions) -> None:
+    """Every option in its range and the plot's format writable, before the plan is read (OptionError)."""
+    check_ranges(options)
+    if options.plot:
+        check_plot_path(options.plot)
+        check_writable(options.plot, "--plot")

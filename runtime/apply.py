@@ -80,7 +80,7 @@ def new_cache(plan: Plan, model=None, *, mode: str | None = None, skip_threshold
     options given to `apply()`; a model running another plan is refused. With `max_length`: a `StaticPoDCache`
     preallocated for that many tokens (prompt + new tokens), whose decode step `torch.compile` / CUDA graphs can
     capture; it runs no compute skip, so a skip threshold given here or to `apply()` is refused, not dropped."""
-    check_cache_options(mode or plan.mode, skip_threshold, kernels)
+    check_cache_options(plan.mode if mode is None else mode, skip_threshold, kernels)
     applied = getattr(model, "_ilc_applied", None)
     if applied is not None and applied.plan != plan:
         raise PlanError("new_cache: this model runs another plan; build the cache from the applied plan")
@@ -129,8 +129,10 @@ def apply_plan(plan: Plan, model, *, mode: str | None = None, skip_threshold: fl
     adapter: the directory (str or Path) `ilc adapt` wrote for an adapted plan, merged into the model's weights
     (in place, once; `remove_plan` leaves the merged weights).
     """
+    if strict not in (True, False):
+        raise PlanError(f"strict: expected True or False, got {strict!r}")
     check_plan_matches(plan, model, strict=strict)
-    mode = mode or plan.mode
+    mode = plan.mode if mode is None else mode
     check_cache_options(mode, skip_threshold, kernels)
     if plan.adapted is not None and mode != plan.adapted.mode:
         raise PlanError(f"this plan's adapter was trained for {plan.adapted.mode!r} mode; it cannot run {mode!r}")

@@ -211,8 +211,9 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if total <= self.capacity:
             return
         cap = grown_capacity(total)
-        self.values = _resize(self.values, cap, self.seen)
-        self.anchor_keys = _resize(self.anchor_keys, cap, self.seen)
+        stored = self.seen - self.state.shift  # slots in use (fewer than seen once selection has compacted)
+        self.values = _resize(self.values, cap, stored)
+        self.anchor_keys = _resize(self.anchor_keys, cap, stored)
         if self.follower_heads:
             self.ring_keys = _grow_ring(self.ring_keys, min(self.state.window, cap))
         for group in self.stream_groups:

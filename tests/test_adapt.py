@@ -252,7 +252,7 @@ def test_adapted_section_round_trips_and_is_validated(tmp_path):
 def test_eval_runs_an_adapted_plan_on_its_adapted_weights(tmp_path):
     """`ilc eval` of an adapted plan: the plan's methods run on the weights with the adapter merged, the full model
     and the baselines on the base weights (baselines carry no adaptation)."""
-    from ilc.evaluate import applied
+    from ilc.eval.methods import applied
 
     _, _, result = run(tmp_path, tokens=2 * SEQ)
     adapted = load_plan(result.out / "plan.yaml")

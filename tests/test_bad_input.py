@@ -281,7 +281,7 @@ def test_ctrl_c_exits_130_with_one_line_and_debug_shows_the_traceback(capsys, mo
 def test_api_validates_before_work():
     with pytest.raises(OptionError, match="--seq-len must be >= 16"):
         CalibrationSettings(seq_len=8).validate()
-    from ilc.evaluate import EvalConfig, build_samples
+    from ilc.eval.config import EvalConfig, build_samples
 
     with pytest.raises(OptionError, match="--lengths must be >= 64"):
         build_samples(["niah"], None, EvalConfig(lengths=(0,)), None)

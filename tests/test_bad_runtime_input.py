@@ -247,3 +247,31 @@ def test_the_adapter_digest_ignores_the_order_peft_writes_module_names_in(tmp_pa
     first = adapter_fingerprint(folder)
     (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["v_proj", "q_proj"]}))
     assert adapter_fingerprint(folder) == first
+
+
+def test_a_selection_plan_decodes_past_its_growth_slack():
+    """After selection compacted the cache, growing it copied the logical slot count (a crash once decode passed
+    the slack: 9 tokens with 8-slot growth, 33 before). The decode must run on, equal to a cache without growth."""
+    from ilc.runtime.heads import Selection
+
+    model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=16)
+    plan = mixed_plan(model).with_options(selection=Selection(keep=0.5, window=8))
+    plan.apply(model)
+    x = torch.randint(3, 90, (2, 60))
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    out = model.generate(x, attention_mask=mask, max_new_tokens=40, do_sample=False, min_new_tokens=40)
+    assert out.shape == (2, 100)
+    remove_plan(model)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(mode=""), "mode: expected one of"),
+    (dict(mode=False), "mode: expected one of"),
+    (dict(strict=None), "strict: expected True or False"),
+])
+def test_falsy_options_are_not_taken_for_absent_ones(options, message):
+    model = tiny_llama()
+    plan = make_plan(model, [[0, 1], [2, 3]])
+    with pytest.raises(PlanError, match=message):
+        plan.apply(model, **options)

@@ -5,8 +5,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from ilc.baselines import equal_memory_window, uniform_plan
-from ilc.evaluate import METHODS, EvalConfig, build_samples, plot_niah, run, run_perplexity, summarize
+from ilc.eval.baselines import equal_memory_window, uniform_plan
+from ilc.eval.config import EvalConfig, build_samples
+from ilc.eval.methods import METHODS
+from ilc.eval.report import plot_niah, summarize
+from ilc.eval.run import run, run_perplexity
 from ilc.models import converted_copy, resolve
 
 from conftest import make_plan, tiny_llama
@@ -111,7 +114,7 @@ def test_selection_method_holds_the_plans_bytes(tokenizer, tmp_path):
 def test_prompts_file_and_peer_records_join_the_summary(tokenizer, tmp_path):
     """prompts.jsonl carries the exact tokens and the question's split points for the kvpress runner; records it
     writes in the eval's schema join the summary (other prompts' records are ignored)."""
-    from ilc.evaluate import merge_peers, prompt_digest, read_peer_records, write_prompts
+    from ilc.eval.records import merge_peers, prompt_digest, read_peer_records, write_prompts
 
     samples = build_samples(["niah", "qa"], tokenizer, EvalConfig(lengths=(384,), depths=(0.5,), ruler_depths=(0.5,)),
                             None)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ilc.models import converted_copy, resolve
-from ilc.tasks import TASKS, make_sample, noise_haystack, score
+from ilc.eval.tasks import TASKS, make_sample, noise_haystack, score
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from ilc.tasks import score  # noqa: E402  (torch-only module of this checkout)
+from ilc.eval.tasks import score  # noqa: E402  (torch-only module of this checkout: no transformers, no ilc.runtime)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ilc.runtime.heads import Selection
+from ilc.runtime.heads import Selection, dense_vectors
 from ilc.runtime.plan import Plan, blocks_from_layers, streaming_block
 
 
@@ -49,7 +49,7 @@ def equal_memory_selection(plan: Plan, context: int) -> Selection:
     bytes after a `context`-token prompt."""
     rule = plan.selection or Selection(keep=0.5)
     _, planned = plan.kv_tokens(context)
-    per_head = planned / (2 * plan.num_layers * plan.num_kv_heads)  # tokens each head may keep
+    per_head = planned / dense_vectors(plan.num_layers, plan.num_kv_heads, 1)  # tokens each head may keep
     distant = context - min(context, plan.sinks + rule.window)
     keep = (per_head - plan.sinks - rule.window) / distant if distant > 0 else 0.5
     return replace(rule, keep=min(max(keep, 1e-3), 0.999))
@@ -58,5 +58,5 @@ def equal_memory_selection(plan: Plan, context: int) -> Selection:
 def equal_memory_window(plan: Plan, context: int) -> int:
     """The StreamingLLM window whose cache holds the plan's bytes at `context` tokens."""
     _, planned = plan.kv_tokens(context)
-    per_token = 2 * plan.num_layers * plan.num_kv_heads
+    per_token = dense_vectors(plan.num_layers, plan.num_kv_heads, 1)
     return max(1, min(context, math.floor(planned / per_token) - plan.sinks))

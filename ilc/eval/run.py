@@ -1,0 +1,135 @@
+"""The evaluation loop of `ilc eval`: every method on every sample, timed greedy generation, measured KV bytes,
+resumed from `results.jsonl` (`ilc.eval.records`), and perplexity by position."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ilc import options
+from ilc.options import OptionError
+from ilc.runtime import PoDCache, Plan
+from ilc.runtime.heads import dense_vectors
+
+from .methods import METHODS, applied
+from .records import RecordStore, record_key, record_settings, run_settings
+from .tasks import TaskSample, score
+
+PPL_BUCKETS = (0, 256, 1024, 2048, 4096, 8192, 16384)
+
+
+def kv_bytes(cache) -> int:
+    """Bytes a cache holds: a `PoDCache`'s own count, or a dense cache's keys and values."""
+    if isinstance(cache, PoDCache):
+        return cache.nbytes()
+    return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
+               for l in cache.layers)
+
+
+@torch.no_grad()
+def held_bytes(plan: Plan, context: int, dtype=torch.float32, batch: int = 1) -> tuple[int, int]:
+    """(held, dense) bytes of a real `PoDCache` for `plan` after one prefill of `context` tokens: zeros go
+    through every layer's update, so the allocation is exactly what a model run would leave (no model needed);
+    a plan's token selection runs as at the first decode step (which tokens it keeps does not change the bytes)."""
+    m = plan.model
+    cache = PoDCache(plan)
+    k = torch.zeros(batch, m.num_kv_heads, context, m.head_dim, dtype=dtype)
+    for layer in range(m.num_layers):
+        cache.update(k, k, layer)
+    cache.select()
+    return cache.nbytes(), cache.dense_bytes()
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int) -> dict:
+    """Greedy decoding with prefill and decode timed apart; returns text, cache bytes and times."""
+    t = time.perf_counter()
+    out = model(input_ids.to(model.device), use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - t
+    cache = out.past_key_values
+    token = out.logits[:, -1:].argmax(-1)
+    generated = [int(token)]
+    t = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        if generated[-1] == tokenizer.eos_token_id:
+            break
+        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        generated.append(int(token))
+    decode = (time.perf_counter() - t) / max(1, len(generated) - 1)
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    tokens = cache.get_seq_length()
+    dense = dense_vectors(cfg.num_hidden_layers, cfg.num_key_value_heads, tokens) * head_dim * model.dtype.itemsize
+    return dict(text=tokenizer.decode(generated, skip_special_tokens=True), kv_bytes=kv_bytes(cache),
+                dense_bytes=dense, tokens=tokens, prefill_s=prefill, decode_ms=decode * 1e3)
+
+
+def check_run(model, methods: list[str], samples: list[TaskSample], max_new_tokens: int) -> None:
+    """Known methods, and the longest prompt plus its answer within the model's context (nothing run yet)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise OptionError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    options.check("max_new_tokens", max_new_tokens)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = max((s.input_ids.shape[1] for s in samples), default=0)
+    if limit and longest + max_new_tokens > limit:
+        raise OptionError(f"a {longest}-token prompt plus {max_new_tokens} new tokens exceeds the model's context "
+                          f"of {limit} tokens; nothing was run")
+
+
+def run(model, tokenizer, plan: Plan, methods: list[str], samples: list[TaskSample], out_dir: str | Path,
+        max_new_tokens: int = 32, progress: bool = True, adapted_model=None) -> list[dict]:
+    """Evaluate every method on every sample, appending to out_dir/results.jsonl (resumable: a record is reused
+    only if it was made with the same settings, see `record_settings`). An adapted plan runs on `adapted_model`."""
+    check_run(model, methods, samples, max_new_tokens)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = RecordStore(out_dir / "results.jsonl")
+    shared = run_settings(model, plan)
+    wanted = [(m, s, record_settings(shared, m, s, max_new_tokens)) for m in methods for s in samples]
+    ident = lambda m, s, st: (record_key(m, s), json.dumps(st, sort_keys=True))  # noqa: E731
+    todo = [w for w in wanted if ident(*w) not in store]
+    with store.open() as f, tqdm(total=len(todo), desc="evaluating", disable=not progress) as bar:
+        for method, sample, settings in todo:
+            with applied(method, model, plan, sample.input_ids.shape[1], adapted_model) as chosen:
+                res = generate_greedy(chosen, tokenizer, sample.input_ids, max_new_tokens)
+            rec = dict(key=record_key(method, sample), method=method, task=sample.task, length=sample.length,
+                       depth=sample.depth, seed=sample.meta.get("seed"), answers=list(sample.answers),
+                       score=score(res["text"], sample.answers, sample.rule), settings=settings, **res)
+            store.add(f, rec)
+            bar.update(1)
+    return [store[ident(*w)] for w in wanted]
+
+
+@torch.no_grad()
+def perplexity_by_position(model, input_ids: torch.Tensor) -> list[float]:
+    """Next-token NLL at every position of one prefill (all logits); list of length T - 1."""
+    ids = input_ids.to(model.device)
+    logits = model(ids, use_cache=True).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
+
+
+def run_perplexity(model, plan: Plan, methods: list[str], input_ids: torch.Tensor, out_dir: str | Path,
+                   adapted_model=None) -> dict:
+    """Perplexity per position bucket for each method on one long text (does loss rise where distant tokens
+    matter?). Writes out_dir/perplexity.json and returns {method: {bucket: ppl}}."""
+    out = {}
+    for method in methods:
+        with applied(method, model, plan, input_ids.shape[1], adapted_model) as chosen:
+            nll = perplexity_by_position(chosen, input_ids)
+        buckets = {}
+        for lo, hi in zip(PPL_BUCKETS, PPL_BUCKETS[1:]):
+            part = nll[lo:hi]
+            if part:
+                buckets[f"{lo}-{min(hi, len(nll))}"] = math.exp(sum(part) / len(part))
+        buckets["all"] = math.exp(sum(nll) / len(nll))
+        out[method] = buckets
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, "perplexity.json").write_text(json.dumps(out, indent=1))
+    return out
