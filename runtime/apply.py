@@ -183,10 +183,10 @@ class PlanHook:
         if isinstance(cache, StaticPoDCache):
             # No host read of the device token count: the cache was sized within the model's context at
             # construction and counts what forwards bring on the host (not while a compiled graph is traced).
-            if not torch.compiler.is_compiling():
-                cache.check_room(new)
             if not cache.layers[0].is_initialized:
                 _record_padding(cache, kwargs.get("attention_mask"), 0)
+            if not torch.compiler.is_compiling():
+                cache.check_room(new)
             return args, kwargs
         seen = cache.get_seq_length()
         if applied.max_context and seen + new > applied.max_context:

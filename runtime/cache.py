@@ -455,12 +455,10 @@ class PoDCache(Cache):
         Runs once; a plan without selection does nothing. `ilc.runtime.selection` chooses, per layer with FULL
         heads, the slots to keep; every layer then compacts (a FOLLOWER keeps its anchor's choice)."""
         state = self.state
-        if state.selection is None or state.selected:
-            return
-        state.selected = True
         first = self.layers[0]
-        if not first.is_initialized or first.seen == 0:
-            return
+        if state.selection is None or state.selected or not first.is_initialized or first.seen == 0:
+            return  # nothing to select from yet: selection stays due
+        state.selected = True
         rs = state.row_starts(first.values.shape[0], first.values.device)
         shape = selection_shape(first.seen, rs, state.row_start_min, state.sinks, state.selection)
         if shape is not None:

@@ -294,6 +294,8 @@ def parse_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_PlanLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise PlanError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise PlanError(f"{source}: not a plan (YAML nested too deeply)") from None
 
 
 TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "adapted", "criterion", "calibration",
@@ -461,6 +463,13 @@ BLOCK_KINDS = tuple(k.value for k in BlockKind)
 def _validate_bounds(plan: Plan, source: str) -> None:
     """Sizes a plan file states are bounded by what a model can hold, before anything is built from them."""
     m = plan.model
+    if not isinstance(m, ModelSignature):
+        raise PlanError(f"{source}: model: expected a ModelSignature, got {type(m).__name__}")
+    for name, value in (("windows.sinks", plan.sinks), ("windows.window", plan.window)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise PlanError(f"{source}: {name}: expected int, got {value!r}")
+    if plan.selection is not None and not isinstance(plan.selection, Selection):
+        raise PlanError(f"{source}: selection: expected a Selection, got {type(plan.selection).__name__}")
     for name, value, limit in (("model.num_layers", m.num_layers, MAX_LAYERS),
                                ("model.num_attention_heads", m.num_attention_heads, MAX_HEADS),
                                ("model.num_kv_heads", m.num_kv_heads, m.num_attention_heads),
@@ -603,6 +612,9 @@ class _PlanLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a name or a number, got "
+                                                        f"{type(key).__name__}", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)

@@ -275,3 +275,24 @@ def test_falsy_options_are_not_taken_for_absent_ones(options, message):
     plan = make_plan(model, [[0, 1], [2, 3]])
     with pytest.raises(PlanError, match=message):
         plan.apply(model, **options)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("? [a, b]\n: 1\n", "a key must be a name or a number"),
+    ("x: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
+])
+def test_yaml_shapes_no_plan_has_are_plan_errors(tmp_path, text, message):
+    with pytest.raises(PlanError, match=message):
+        load_text(tmp_path, text)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(window=3.5), "windows.window: expected int, got 3.5"),
+    (dict(sinks=True), "windows.sinks: expected int, got True"),
+    (dict(window="4"), "windows.window: expected int, got '4'"),
+    (dict(selection={"keep": 0.5}), "selection: expected a Selection"),
+    (dict(model=None), "model: expected a ModelSignature"),
+])
+def test_with_options_checks_types(changes, message):
+    with pytest.raises(PlanError, match=message):
+        load_plan(PLAN).with_options(**changes)
