@@ -3,9 +3,10 @@
 This is the top layer of the runtime and the only one with policy: `apply_plan` checks the model against the
 plan, settles the runtime options (mode, skip threshold, kernels, adapter), selects the registered ``ilc_pod``
 attention function and installs one forward pre-hook on the model instance; `new_cache` chooses between a growing
-`PoDCache` and a preallocated `StaticPoDCache`. `Plan.apply` and `Plan.new_cache` call these two (installed below). The hook gives every forward that has no cache (or the
-empty `DynamicCache` that `generate` builds) a fresh `PoDCache`, refuses a cache built for another plan or mode,
-records left padding, and refuses contexts beyond the model's limit. Nothing in transformers is patched and no
+`PoDCache` and a preallocated `StaticPoDCache`. `Plan.apply` and `Plan.new_cache` call these two (installed
+below). The hook gives every forward that has no cache (or the empty `DynamicCache` that `generate` builds) a
+fresh `PoDCache`, refuses a cache built for another plan or mode, records left padding, and refuses contexts
+beyond the model's limit. Nothing in transformers is patched and no
 state is global or shared: the model gets its own copy of its config before its attention implementation
 changes (another model built from the same config object is untouched), two models with two plans work side by
 side, and `remove_plan` restores the model.
@@ -88,8 +89,9 @@ def new_cache(plan: Plan, model=None, *, mode: str | None = None, skip_threshold
         if skip_threshold is not None or (applied is not None and applied.skip_threshold is not None):
             raise PlanError("new_cache: a static cache (max_length) does not run the compute skip; apply the plan "
                             "with skip_threshold=None, or build a growing cache (no max_length)")
-        mode = mode or (applied.mode if applied is not None else None)
-        kernels = kernels if kernels is not None else (applied.kernels if applied is not None else None)
+        if applied is not None:  # options not given here are the ones given to apply()
+            mode = applied.mode if mode is None else mode
+            kernels = applied.kernels if kernels is None else kernels
         return StaticPoDCache(plan, max_length, mode=mode, kernels=kernels)
     if applied is not None and mode is None and skip_threshold is None and kernels is None:
         return applied.new_cache()  # the options given to apply() (mode, skip threshold, kernels)
