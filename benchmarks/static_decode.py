@@ -8,7 +8,7 @@ For each context and batch it fills both caches by a chunked prefill, then times
 - dense: transformers' `StaticCache` + SDPA; PoD: `plan.new_cache(model, max_length=...)` + the Triton decode
   kernel reading the slot count on the device;
 and reports the ratio, the bytes each step must read from the cache (`kernels.decode_bytes`) and the achieved
-share of the measured copy bandwidth. Prefill per layer against SDPA is in `benchmarks/kernels.py`.
+share of the measured copy bandwidth. Prefill per layer against SDPA is in `benchmarks/kernel_speed.py`.
 
 Run (GPU): python benchmarks/static_decode.py --out docs/static-decode.md
 Run (CPU, a correctness smoke test of the script itself, no timing claims): python benchmarks/static_decode.py --smoke

@@ -32,20 +32,30 @@ class SampleRecord:
     lse    [L, Hq, R]    float32  log-sum-exp of those rows' scaled logits
     values [L, Hkv, T, D] float16 each layer's values (to measure output change under sharing)
     rows   [R] long               positions of the sampled rows
+    keys, queries (only when recorded `with_keys`, to price key precision):
+    keys    [L, Hkv, T, D] float16 each layer's keys (after RoPE, as the cache stores them)
+    queries [L, Hq, R, D] float32  the sampled rows' queries; `scaling` the attention's logit scale
     """
 
     probs: torch.Tensor
     lse: torch.Tensor
     values: torch.Tensor
     rows: torch.Tensor
+    keys: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    scaling: float | None = None
 
 
 class SampleRecorder:
-    def __init__(self, num_layers: int, rows: torch.Tensor):
+    def __init__(self, num_layers: int, rows: torch.Tensor, with_keys: bool = False):
         self.rows = rows
+        self.with_keys = with_keys
         self.probs: list[torch.Tensor | None] = [None] * num_layers
         self.lse: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.queries: list[torch.Tensor | None] = [None] * num_layers
+        self.scaling: float | None = None
 
     def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
         rows = self.rows.to(query.device)
@@ -60,13 +70,20 @@ class SampleRecorder:
         self.probs[layer] = (logits - lse[..., None]).exp().to(torch.float16).cpu()
         self.lse[layer] = lse.cpu()
         self.values[layer] = value[0].to(torch.float16).cpu()
+        if self.with_keys:
+            self.keys[layer] = key[0].to(torch.float16).cpu()
+            self.queries[layer] = q.cpu()
+            self.scaling = scaling
 
     def finish(self) -> SampleRecord:
         if any(p is None for p in self.probs):
             missing = [i for i, p in enumerate(self.probs) if p is None]
             raise RuntimeError(f"calibration recorded no attention for layers {missing}; does this model route "
                                "attention through transformers' attention interface?")
-        return SampleRecord(torch.stack(self.probs), torch.stack(self.lse), torch.stack(self.values), self.rows)
+        record = SampleRecord(torch.stack(self.probs), torch.stack(self.lse), torch.stack(self.values), self.rows)
+        if self.with_keys:
+            record.keys, record.queries, record.scaling = torch.stack(self.keys), torch.stack(self.queries), self.scaling
+        return record
 
 
 def calibration_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -104,9 +121,10 @@ def recording(model):
 
 
 @torch.no_grad()
-def record_sample(model, input_ids: torch.Tensor, rows: torch.Tensor) -> SampleRecord:
-    """One forward over one sample [1, T] under `recording(model)`; returns its record."""
-    recorder = SampleRecorder(model.config.get_text_config().num_hidden_layers, rows)
+def record_sample(model, input_ids: torch.Tensor, rows: torch.Tensor, with_keys: bool = False) -> SampleRecord:
+    """One forward over one sample [1, T] under `recording(model)`; returns its record (`with_keys`: also the keys
+    and the sampled rows' queries)."""
+    recorder = SampleRecorder(model.config.get_text_config().num_hidden_layers, rows, with_keys)
     token = _active.set(recorder)
     try:
         model(input_ids.to(model.device), use_cache=False)

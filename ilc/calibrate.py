@@ -221,11 +221,7 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
         model, _, source = load_model(settings.model, settings.device, dtype, settings.device_map)
         source_name = source.name
     rows = sample_rows(settings.seq_len, settings.query_rows)
-    work = [(sample, rows) for sample in data.samples] + [(r.ids, r.rows) for r in retrieval]
-    records = []
-    with recording(model):
-        for ids, sample_rows_ in tqdm(work, desc="calibrating", unit="sample", disable=not progress):
-            records.append(record_sample(model, ids[None], sample_rows_))
+    records = record_calibration(model, data, retrieval, rows, progress=progress)
     prose = records[:len(data.samples)]  # windows follow ordinary text; options are priced on every sample
     choice = choose_windows(prose, settings.seq_len, settings.sinks, settings.window, settings.window_mass)
     if choice.sinks + choice.window >= settings.seq_len // 2 + 1:
@@ -233,6 +229,17 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
                          f"rows of --seq-len {settings.seq_len}; use a longer --seq-len or a smaller --window")
     plan, sim, stream_err, windows = _compile(records, choice, settings, model, source_name, data, retrieval, rows)
     return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows)
+
+
+def record_calibration(model, data, retrieval, rows: torch.Tensor, with_keys: bool = False,
+                       progress: bool = True) -> list:
+    """Records of every prose sample (at `rows`) then every retrieval sample (at its own rows)."""
+    work = [(sample, rows) for sample in data.samples] + [(r.ids, r.rows) for r in retrieval]
+    records = []
+    with recording(model):
+        for ids, sample_rows_ in tqdm(work, desc="calibrating", unit="sample", disable=not progress):
+            records.append(record_sample(model, ids[None], sample_rows_, with_keys))
+    return records
 
 
 def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model, source_name, data, retrieval,

@@ -1,5 +1,5 @@
 """`ilc`: the command line. `calibrate` writes a plan, `inspect` explains one, `adapt` trains the model to run it,
-`eval` scores one, `generate` runs one.
+`eval` scores one, `generate` runs one, `serve` serves one with vLLM.
 
 Every option is checked against its range (`ilc.options`) and every output path for writability before any model
 is loaded. Errors print one line and exit 2; Ctrl-C exits 130; `--debug` (or ILC_DEBUG=1) shows tracebacks.
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ilc", description="Inter-layer KV-cache compression (PoD) for HF causal LMs")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors (also: ILC_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_calibrate_parser, _adapt_parser, _inspect_parser, _eval_parser, _generate_parser):
+    for add in (_calibrate_parser, _adapt_parser, _inspect_parser, _eval_parser, _generate_parser, _serve_parser):
         add(sub)
     return p
 
@@ -367,13 +367,36 @@ def _generate_parser(sub) -> None:
     g.set_defaults(func=_generate)
 
 
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve a plan with vLLM's OpenAI-compatible server (needs `make vllm`); "
+                       "options ilc does not know go to `vllm serve`, e.g. --port 8000")
+    s.add_argument("plan")
+    s.add_argument("--model", help="Hugging Face directory or embedded name (default: the plan's model)")
+    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="tensor-parallel ranks; every head group of every layer must split evenly (default 1)")
+    s.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from .serve import plan_path, serve_argv
+
+    argv = serve_argv(plan_path(args.plan), args.model, args.tensor_parallel_size, args.vllm_args)
+    print("ilc serve: " + " ".join(argv[1:]), flush=True)
+    os.execv(argv[0], argv)
+    return 0  # not reached: vLLM replaced this process
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)  # subparsers are _Parser too (add_subparsers uses the parent's class)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)  # subparsers are _Parser too (the parent's class)
+        if extra and args.command != "serve":  # only `serve` passes options on (to vLLM)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.vllm_args = extra
     except SystemExit as exc:  # usage errors (one line, exit 2) and --help (exit 0)
         return int(exc.code or 0)
     debug = args.debug or os.environ.get("ILC_DEBUG") == "1"

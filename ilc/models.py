@@ -37,6 +37,9 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DEVICE = "cpu"
 DTYPES = ("float32", "bfloat16", "float16")  # weights dtypes `--dtype` offers
 CONVERTED_MARK = "ilc-converted.json"  # written last into a finished converted copy
+# Bumped when the converted layout changes, so that older copies are rebuilt rather than reused. 2: the tied
+# embedding stored under its own name (vLLM loads it), `architectures`, eos `<|im_end|>`, generation_config.json.
+CONVERSION_VERSION = 2
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -158,29 +161,40 @@ def load_model(name: str = DEFAULT_MODEL, device: str = DEFAULT_DEVICE, dtype: t
     return model, tokenizer, source
 
 
+def model_directory(name: str) -> Path:
+    """The Hugging Face directory of the model `name` resolves to (a GGUF model: its converted copy), for engines
+    that load directories (vLLM)."""
+    return weights_dir(resolve(name))
+
+
 def weights_dir(source: ModelSource) -> Path:
     """A directory in Hugging Face layout holding the source's weights (a GGUF file is converted once)."""
     return converted_copy(source) if source.gguf_file else source.path
 
 
 def converted_path(source: ModelSource) -> Path:
-    """Where the converted copy of a GGUF source lives (made or not): keyed by the file's path, size and time."""
+    """Where the converted copy of a GGUF source lives (made or not): keyed by the file's path, size and time and
+    the conversion version."""
     gguf_path = source.path / source.gguf_file
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    ident = f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}:v{CONVERSION_VERSION}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return cache_root() / "models" / f"{source.name}-{key}"
 
 
 def converted_copy(source: ModelSource) -> Path:
-    """A safetensors copy of a GGUF model, made once (atomically) under the ilc cache directory."""
+    """A safetensors copy of a GGUF model, made once (atomically) under the ilc cache directory, in the layout both
+    `from_pretrained` and vLLM load: every tensor under its own name (a tied embedding stored as
+    `model.embed_tokens.weight`, not only as the head), `architectures` in the config, the chat model's end-of-turn
+    token as eos in the tokenizer and a `generation_config.json`."""
     gguf_path = source.path / source.gguf_file
     stat = gguf_path.stat()
     target = converted_path(source)
     if (target / CONVERTED_MARK).is_file():
         return target
     check_writable(target.parent, "the ilc cache (ILC_CACHE)", directory=True)  # before tens of seconds of work
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     print(f"ilc: converting {gguf_path.name} once (dequantizing; later loads use {target})", flush=True)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
@@ -188,14 +202,49 @@ def converted_copy(source: ModelSource) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+    save_file(_untied_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = model.config
     for attr in ("quantization_config",):
         if hasattr(config, attr):
             delattr(config, attr)
+    config.architectures = [type(model).__name__]
+    _set_chat_eos(tokenizer, config)
     config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / CONVERTED_MARK).write_text(json.dumps({"from": str(gguf_path), "size": stat.st_size}))
+    (tmp / CONVERTED_MARK).write_text(json.dumps({"from": str(gguf_path), "size": stat.st_size,
+                                                  "version": CONVERSION_VERSION}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def _untied_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every parameter under its own module name, tied ones saved once under the embedding's name: a loader that
+    reads `model.embed_tokens.weight` (vLLM) finds it, and `from_pretrained` re-ties the head to it."""
+    state = {}
+    seen: dict[int, str] = {}
+    embedding = model.get_input_embeddings().weight
+    seen[id(embedding)] = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is embedding)
+    state[seen[id(embedding)]] = embedding.detach().contiguous()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen[id(tensor)] = name
+        state[name] = tensor.detach().contiguous()
+    return state
+
+
+END_OF_TURN = "<|im_end|>"  # ChatML chat models (SmolLM2-Instruct) end each turn with it
+
+
+def _set_chat_eos(tokenizer, config) -> None:
+    """A ChatML chat model stops at `<|im_end|>`: the GGUF metadata names `<|im_start|>` as the tokenizer's eos
+    while the config already says the end-of-turn id. Make the tokenizer agree with the config."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if END_OF_TURN in template and isinstance(end_id, int) and end_id != tokenizer.unk_token_id:
+        tokenizer.eos_token = END_OF_TURN
+        config.eos_token_id = end_id
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = END_OF_TURN

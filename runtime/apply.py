@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 from .adapter import check_adapter, merge_adapter
-from .architectures import check_supported, model_signature, text_config
+from .architectures import check_supported, config_mismatch, model_signature, text_config
 from .attention import ATTENTION_NAME, pod_attention, pod_mask
 from .cache import PoDCache
 from .heads import Mode
@@ -107,15 +107,10 @@ def register_attention() -> None:
 def check_plan_matches(plan: Plan, model, strict: bool = True) -> None:
     """Raise `PlanError` if `model` is not the model the plan was calibrated for."""
     check_supported(model.config)
-    sig = model_signature(model)
     want = plan.model
-    for field in ("model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim"):
-        if getattr(sig, field) != getattr(want, field):
-            raise PlanError(f"plan for {want.name!r} does not fit this model: {field} is {getattr(sig, field)}, "
-                            f"the plan expects {getattr(want, field)}")
-    if sig.config_fingerprint != want.config_fingerprint:
-        raise PlanError(f"plan for {want.name!r} does not fit this model: config fingerprint "
-                        f"{sig.config_fingerprint} != {want.config_fingerprint}")
+    if (problem := config_mismatch(want, model.config)) is not None:
+        raise PlanError(f"plan for {want.name!r} does not fit this model: {problem}")
+    sig = model_signature(model)
     if strict and want.weights_fingerprint and sig.weights_fingerprint != want.weights_fingerprint:
         raise PlanError(f"plan for {want.name!r} was calibrated on other weights (weights fingerprint "
                         f"{sig.weights_fingerprint} != {want.weights_fingerprint}). Calibrate a plan for this "

@@ -80,6 +80,25 @@ def model_signature(model, name: str | None = None) -> ModelSignature:
     )
 
 
+SHAPE_FIELDS = ("model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
+
+
+def config_mismatch(want: ModelSignature, config) -> str | None:
+    """Why a model with `config` is not the model `want` describes (a shape, then the config fingerprint), in
+    words; None when it is."""
+    cfg = text_config(config)
+    have = {"model_type": cfg.model_type, "num_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            "head_dim": head_dim(cfg)}
+    for field in SHAPE_FIELDS:
+        if have[field] != getattr(want, field):
+            return f"{field} is {have[field]}, the plan expects {getattr(want, field)}"
+    if (fingerprint := config_fingerprint(config)) != want.config_fingerprint:
+        return f"config fingerprint {fingerprint} != {want.config_fingerprint}"
+    return None
+
+
 def config_fingerprint(config) -> str:
     """A digest of the config fields that decide KV-cache shapes and attention numerics."""
     text = text_config(config)
@@ -93,13 +112,15 @@ def config_fingerprint(config) -> str:
 
 
 def weights_fingerprint(model) -> str:
-    """A cheap digest of a few weight slices: tells a base model from its fine-tune with the same config.
+    """A cheap digest of a few weight slices: tells a base model from its fine-tune with the same config."""
+    return weights_digest(model.get_input_embeddings().weight, list(model.parameters())[-1])
 
-    Slices are rounded to bfloat16 first, so loading the same checkpoint in another dtype gives the same digest.
-    """
-    emb = model.get_input_embeddings().weight
-    last = list(model.parameters())[-1]
+
+def weights_digest(embedding: torch.Tensor, last: torch.Tensor) -> str:
+    """`weights_fingerprint` from its two tensors: the input embedding [vocab, hidden] and the model's last
+    parameter as transformers lists it (a tied Llama: the final norm; untied: the LM head). Slices are rounded to
+    bfloat16 first, so loading the same checkpoint in another dtype gives the same digest."""
     h = hashlib.sha256()
-    for t in (emb[:8, :64], last.reshape(-1)[:512]):
+    for t in (embedding[:8, :64], last.reshape(-1)[:512]):
         h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return short_digest(h)

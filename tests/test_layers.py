@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"ilc.runtime": ROOT / "runtime", "ilc.kernels": ROOT / "kernels"}
+PACKAGES = {"ilc.runtime": ROOT / "runtime", "ilc.runtime.vllm": ROOT / "runtime" / "vllm", "ilc.kernels": ROOT / "kernels"}
 
 # Lowest first; a module may import only from layers below its own (docs/design.md draws the same picture).
 LAYERS = (
@@ -16,7 +16,7 @@ LAYERS = (
     ("ilc.kernels.prefill",),
     ("ilc.kernels",),
     ("ilc.kernels.ops",),
-    ("ilc.runtime.heads",),  # vocabulary: modes, head kinds, selection, the savings formula
+    ("ilc.runtime.heads", "ilc.runtime.quant"),  # vocabulary: modes, head kinds, selection, the savings formula; KV integers
     ("ilc.runtime.plan",),
     ("ilc.runtime.architectures", "ilc.runtime.adapter", "ilc.runtime.selection", "ilc.runtime.sequence"),
     ("ilc.runtime.cache",),
@@ -27,6 +27,13 @@ LAYERS = (
     ("ilc.runtime.attention",),
     ("ilc.runtime.apply",),
     ("ilc.runtime",),
+    # the vLLM plugin sits on top: vLLM's model, cache spec and attention around the same plan
+    ("ilc.runtime.vllm.layout",),  # imports no vLLM
+    ("ilc.runtime.vllm.spec",),
+    ("ilc.runtime.vllm.attention",),
+    ("ilc.runtime.vllm.model",),
+    ("ilc.runtime.vllm.plugin",),
+    ("ilc.runtime.vllm",),
 )
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
 # Imports allowed inside functions: optional heavy dependencies, loaded where they are used.
@@ -114,6 +121,7 @@ def test_layer_check_catches_a_climbing_import(tmp_path, monkeypatch):
     (folder / "heads.py").write_text("def f():\n    from .apply import apply_plan\n")
     monkeypatch.setitem(PACKAGES, "ilc.runtime", folder)
     monkeypatch.setitem(PACKAGES, "ilc.kernels", tmp_path / "none")
+    monkeypatch.setitem(PACKAGES, "ilc.runtime.vllm", tmp_path / "none")
     assert [(a, b) for a, b, _ in edges()] == [("ilc.runtime.heads", "ilc.runtime.apply")]
     assert [inside for _, _, inside in imports("ilc.runtime.heads", folder / "heads.py")] == [True]
 

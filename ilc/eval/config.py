@@ -8,7 +8,7 @@ from ilc import options
 from ilc.data import Document
 from ilc.options import OptionError
 
-from .tasks import TASKS, TaskSample, make_sample
+from .tasks import RULER_TASKS, TASKS, TaskSample, make_sample
 
 PROMPT_OVERHEAD = 64  # tokens a task adds around its haystack (question, chat template), at most
 
@@ -53,3 +53,14 @@ def build_samples(tasks: list[str], tokenizer, config: EvalConfig, haystack: lis
                  for s in config.seeds]
         samples += batch[: config.limit] if config.limit else batch
     return samples
+
+
+def headline_samples(tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], seeds: tuple[int, ...],
+                     haystack: list[Document] | None) -> list[TaskSample]:
+    """The sweep's prompts (docs/eval-sweep.md, docs/eval-peers.md, docs/serving.md): NIAH at every length x depth x
+    seed (one needle per seed); the RULER-style tasks at every length, depth 50%, seed 0 (a full grid per task
+    would triple the CPU time)."""
+    niah = build_samples(["niah"], tokenizer, EvalConfig(lengths=lengths, depths=depths, seeds=seeds), haystack)
+    ruler = build_samples(list(RULER_TASKS), tokenizer, EvalConfig(lengths=lengths, ruler_depths=(0.5,), seeds=(0,)),
+                          haystack)
+    return niah + ruler

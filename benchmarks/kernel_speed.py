@@ -7,8 +7,8 @@ For each context it times, over all 32 layers of one step:
 - prefill: dense = SDPA causal (flash); PoD = anchors via SDPA, followers via the Triton prefill kernel;
 and reports ratios, plus decode bytes that must be read / time against the device's measured copy bandwidth.
 
-Run (GPU): python benchmarks/kernels.py --out docs/kernels.md
-Run (CPU, no GPU needed): python benchmarks/kernels.py --host --contexts 8192 --out docs/kernels-host.md
+Run (GPU): python benchmarks/kernel_speed.py --out docs/kernels.md
+Run (CPU, no GPU needed): python benchmarks/kernel_speed.py --host --contexts 8192 --out docs/kernels-host.md
   counts what one decode step costs on the host, the same on any device: Triton launches, torch ops, bytes the
   cache update writes, and the Python dispatch time with the kernels stubbed out.
 """

@@ -1,0 +1,93 @@
+"""Price KV precision per head: the output error of storing a head's keys and values as integers
+(`ilc.runtime.quant`), measured like every other option (`similarity.streaming_error`).
+
+For each sampled row at position i, the sinks [0, sinks) and a recent residual [i - residual + 1, i] stay in the
+model's dtype (as KIVI and KVQuant keep them); every other token's key and value is quantized and dequantized
+exactly as the stored layout does, and the head's attention over its recorded query rows is recomputed. The error
+is ||o' - o|| / ||o|| averaged over rows, query heads and samples, per (KV head, layer), clipped to [0, 1].
+Tokens past the last whole group of a per-channel key layout stay unquantized, as a cache keeps them until the
+group fills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ilc.runtime.quant import Axis, QuantSpec, dequantize, quantize
+
+from .attention_stats import SampleRecord
+
+
+@dataclass(frozen=True)
+class PrecisionOption:
+    """Keys and values of one head at these bits (16: unquantized)."""
+
+    key_bits: int
+    value_bits: int
+    key_axis: Axis = Axis.TOKEN
+    group: int = 32
+
+    @property
+    def name(self) -> str:
+        return f"K{self.key_bits}{'c' if self.key_axis == Axis.CHANNEL else ''}V{self.value_bits}"
+
+    def key_spec(self) -> QuantSpec | None:
+        return QuantSpec(self.key_bits, self.group, self.key_axis) if self.key_bits < 16 else None
+
+    def value_spec(self) -> QuantSpec | None:
+        return QuantSpec(self.value_bits, self.group) if self.value_bits < 16 else None
+
+    def bytes_per_token(self, head_dim: int, tokens: int = 4096) -> float:
+        """K + V bytes per token of one head (scales and minimums included), 16-bit elements when unquantized."""
+        total = 0
+        for spec in (self.key_spec(), self.value_spec()):
+            total += spec.stored_bytes(tokens, head_dim) if spec else 2 * tokens * head_dim
+        return total / tokens
+
+
+def _round_trip(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """x [H, T, D] as stored under `spec` (per-channel: whole groups only, the tail kept)."""
+    if spec is None:
+        return x
+    n = x.shape[1] if spec.axis == Axis.TOKEN else x.shape[1] // spec.group * spec.group
+    out = x.clone()
+    out[:, :n] = dequantize(quantize(x[:, :n], spec))
+    return out
+
+
+def precision_error(records: list[SampleRecord], sinks: int, residual: int,
+                    options: list[PrecisionOption]) -> dict[str, np.ndarray]:
+    """{option name: err [Hkv, L]} (see the module docstring); the records must carry keys (`with_keys`)."""
+    if any(r.keys is None for r in records):
+        raise ValueError("precision pricing needs records with keys (record_sample(..., with_keys=True))")
+    num_layers, hkv = records[0].values.shape[:2]
+    hq = records[0].queries.shape[1]
+    group = hq // hkv
+    err = {o.name: np.zeros((hkv, num_layers)) for o in options}
+    for r in records:
+        t = r.keys.shape[2]
+        pos = torch.arange(t)[None, :]
+        causal = pos <= r.rows[:, None]
+        exact = causal & ((pos < sinks) | (pos > r.rows[:, None] - residual))  # [R, T]: kept in the model dtype
+        for layer in range(num_layers):
+            q = r.queries[layer]  # [Hq, R, D]
+            k, v = r.keys[layer].float(), r.values[layer].float()  # [Hkv, T, D]
+            reference = _attend(q, k, k, v, v, exact, causal, r.scaling, group)
+            norm = reference.norm(dim=-1).clamp_min(1e-6)
+            for o in options:
+                out = _attend(q, k, _round_trip(k, o.key_spec()), v, _round_trip(v, o.value_spec()), exact, causal,
+                              r.scaling, group)
+                rel = ((out - reference).norm(dim=-1) / norm).mean(-1)  # [Hq]
+                err[o.name][:, layer] += rel.reshape(hkv, group).mean(-1).clamp(0, 1).numpy()
+    return {name: e / len(records) for name, e in err.items()}
+
+
+def _attend(q, k, k_stored, v, v_stored, exact, causal, scaling, group) -> torch.Tensor:
+    """Attention of rows q [Hq, R, D]: exact positions read k / v, the others k_stored / v_stored."""
+    k_rep = lambda x: x.repeat_interleave(group, dim=0)  # noqa: E731  [Hq, T, D]
+    logits = torch.where(exact, q @ k_rep(k).transpose(-1, -2), q @ k_rep(k_stored).transpose(-1, -2)) * scaling
+    p = logits.masked_fill(~causal, float("-inf")).softmax(-1)  # [Hq, R, T]
+    return (p * exact) @ k_rep(v) + (p * ~exact) @ k_rep(v_stored)

@@ -1,0 +1,37 @@
+"""`ilc serve PLAN`: vLLM's OpenAI-compatible server with the plan applied, through ilc's vLLM plugin
+(`ilc.runtime.vllm`). The plan is checked (servable kinds, its model, the TP split) before vLLM starts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from ilc.runtime import load_plan
+
+from .models import model_directory
+from .options import OptionError
+
+
+def serve_argv(plan: str, model: str | None, tensor_parallel_size: int, vllm_args: list[str]) -> list[str]:
+    """The `vllm serve` command line for `plan` on `model` (default: the model the plan names); `vllm_args` come
+    last, so they override ilc's defaults (block size, prefill chunk)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise OptionError("ilc serve needs vLLM in this environment: run `make vllm`, then use .venv-vllm/bin/ilc")
+    from ilc.runtime.vllm.plugin import engine_args  # imports vLLM: only where it is installed
+
+    loaded = load_plan(plan)
+    directory = model_directory(model or loaded.model.name)
+    args = engine_args(plan, directory, tensor_parallel_size)
+    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args["model"],
+            "--served-model-name", loaded.model.name, "--hf-overrides", json.dumps(args["hf_overrides"]),
+            "--tensor-parallel-size", str(tensor_parallel_size), "--no-enable-prefix-caching",
+            "--block-size", str(args["block_size"]), "--max-num-batched-tokens", str(args["max_num_batched_tokens"])]
+    return argv + list(vllm_args)
+
+
+def plan_path(text: str) -> str:
+    if not Path(text).is_file():
+        raise OptionError(f"{text}: no such plan file")
+    return text
