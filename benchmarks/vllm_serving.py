@@ -146,7 +146,9 @@ def main(args) -> None:
     plan = load_plan(args.plan)
     saving = plan.estimated_saving(4096)
     lines = [f"# vLLM serving: `{args.plan}` ({saving:.1%} of KV bytes saved at 4k by the plan's count)", "",
-             f"Command: `{' '.join(sys.argv)}`", ""]
+             f"Command: `VLLM_CPU_KVCACHE_SPACE={os.environ.get('VLLM_CPU_KVCACHE_SPACE')} "
+             f"VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=2 .venv-vllm/bin/python {' '.join(sys.argv)}` "
+             "(2 CPU cores, fp32)", ""]
     samples = prompts(args.haystack)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(samples, f)
@@ -157,7 +159,7 @@ def main(args) -> None:
         vl = {kind: run_engine(kind, args.plan, samples_file, "outputs", 0, args.batched)["ids"]
               for kind in ("dense", "plan")}
         lines += ["## Token-for-token check (greedy, 32 new tokens, 20 prompts)", "",
-                  "| pair | identical outputs | score, transformers / ilc HF runtime | score, vLLM |", "|---|---|---|---|"]
+                  "| pair | identical outputs | score (sum over the prompts), transformers / ilc HF runtime | score, vLLM |", "|---|---|---|---|"]
         for kind, label in (("dense", "dense: vLLM vs transformers"), ("plan", "plan: vLLM plugin vs ilc HF runtime")):
             same = sum(a == b for a, b in zip(hf[kind], vl[kind]))
             hf_score = sum(found(i, s, tok) for i, s in zip(hf[kind], samples))

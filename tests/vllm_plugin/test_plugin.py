@@ -173,3 +173,22 @@ def test_plan_path_reaches_the_model_through_the_config(served):
     args = engine_args(plan_path, directory)
     assert args["hf_overrides"] == {"architectures": [ARCHITECTURE], PLAN_KEY: str(plan_path.resolve())}
     assert args["enable_prefix_caching"] is False
+
+
+def test_tensor_parallel_2_splits_every_head_group_and_matches_the_runtime(tmp_path):
+    """Two CPU ranks, each with one full and one streaming head per layer: the same ids as ilc's HF runtime."""
+    model = tiny_llama(layers=2, heads=8, kv_heads=4, head_dim=32, vocab=211, init_range=0.3)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(tmp_path / "model")
+    plan_path = served_plan(model, {(0, 0): 16, (0, 3): 16, (1, 1): 32, (1, 2): 32}).save(tmp_path / "plan.yaml")
+    llm = LLM(**engine_args(plan_path, tmp_path / "model", tensor_parallel_size=2, **ENGINE,
+                            distributed_executor_backend="mp"))
+    got = vllm_greedy(llm, PROMPTS[:2], 10)
+    del llm
+    from ilc.runtime import load_plan, remove_plan
+
+    load_plan(plan_path).apply(model)
+    try:
+        assert got == [hf_greedy(model, p, 10) for p in PROMPTS[:2]]
+    finally:
+        remove_plan(model)
