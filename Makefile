@@ -66,7 +66,7 @@ test-vllm: vllm
 
 # the plugin against ilc's HF runtime (20 eval prompts) and dense vLLM (capacity, throughput): docs/serving-results.md
 bench-vllm: vllm
-	$(VLLM_ENV) $(VLLM_VENV)/bin/python benchmarks/vllm_serving.py --plan plans/smollm2-135m-streaming.yaml \
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python benchmarks/vllm_serving.py --plan plans/smollm2-135m.yaml \
 		--out docs/serving-results.md
 
 clean:

@@ -8,7 +8,7 @@ capacity: dense vs plan, the same VLLM_CPU_KVCACHE_SPACE: vLLM's maximum concurr
 
 Each engine runs in its own subprocess (a fresh vLLM per configuration). Results: a table on stdout and --out.
 
-Run: .venv-vllm/bin/python benchmarks/vllm_serving.py --plan plans/smollm2-135m-streaming.yaml \
+Run: .venv-vllm/bin/python benchmarks/vllm_serving.py --plan plans/smollm2-135m.yaml \
          --haystack ../shared/data/pg_essays --out docs/serving-results.md
 """
 
@@ -209,7 +209,7 @@ if __name__ == "__main__":
     e.add_argument("--requests", type=int, default=4)
     e.add_argument("--batched", type=int, default=256)
     e.add_argument("--result", required=True)
-    ap.add_argument("--plan", default="plans/smollm2-135m-streaming.yaml")
+    ap.add_argument("--plan", default="plans/smollm2-135m.yaml")
     ap.add_argument("--haystack", default=None, help="directory of .txt files (default: the eval's noise haystack)")
     ap.add_argument("--parts", default="check,capacity")
     ap.add_argument("--requests", type=int, default=4, help="concurrent 4k requests of the capacity part")

@@ -2,5 +2,5 @@
 `IlcLlamaForCausalLM`, a KV cache spec that frees the blocks between sinks and window, and its attention.
 
 `layout` imports no vLLM (the main test suite checks it); the other modules need `pip install ilc[vllm]`.
-Use: `ilc serve PLAN`, or `LLM(**engine_args(PLAN))` (docs/serving.md).
+Use: `ilc serve PLAN`, or `LLM(**engine_args(PLAN, MODEL_DIR))` (docs/serving.md).
 """

@@ -2,9 +2,9 @@
 
 vLLM keeps one block table per KV cache group, and a group is a set of attention layers that keep the same
 tokens. ilc decides per (layer, KV head), so each decoder layer is split into *head groups*: its FULL heads, and
-its STREAMING heads per window. Each head group becomes one vLLM attention layer of its own, with its own cache
-spec (`spec.py`): full heads keep every token, a streaming group keeps its sink blocks and the blocks of its
-window, and vLLM frees the blocks in between.
+its STREAMING heads per window. Each KV head runs as a vLLM attention layer of its own (`model.py`), with the cache
+spec of its group (`spec.py`): full heads keep every token, a streaming head keeps its sink blocks and the blocks
+of its window, and vLLM frees the blocks in between.
 
 The split is an exact rewrite of the checkpoint: per layer, the KV heads are permuted so that each head group is
 contiguous, the query heads move with their KV head (GQA) and the `o_proj` input columns with their query heads.
@@ -21,9 +21,6 @@ import torch
 from ..heads import HeadKind
 from ..plan import Plan, PlanError
 
-SERVED_KINDS = (HeadKind.FULL, HeadKind.STREAMING)
-
-
 class UnservablePlanError(PlanError):
     """The plan uses something the vLLM plugin does not serve (yet), or cannot be split over the TP ranks."""
 
@@ -35,11 +32,6 @@ class HeadGroup:
     kind: HeadKind
     window: int
     kv_heads: tuple[int, ...]  # the plan's KV-head indices, in layout order
-
-    @property
-    def name(self) -> str:
-        """Suffix of the group's attention layer: `attn` (full heads, vLLM's own name) or `attn_w<window>`."""
-        return "attn" if self.kind == HeadKind.FULL else f"attn_w{self.window}"
 
 
 @dataclass(frozen=True)

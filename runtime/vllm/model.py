@@ -36,7 +36,7 @@ def plan_layout(config, tensor_parallel: int):
     path = getattr(config, PLAN_KEY, None)
     if not path:
         raise PlanError(f"{ARCHITECTURE} needs a plan: pass hf_overrides={{'{PLAN_KEY}': PATH, ...}} "
-                        "(ilc.runtime.vllm.engine_args does) or serve with `ilc serve PLAN`")
+                        "(ilc.runtime.vllm.plugin.engine_args does) or serve with `ilc serve PLAN`")
     plan = load_plan(path)
     if (problem := config_mismatch(plan.model, config)) is not None:
         raise PlanError(f"{path}: plan for {plan.model.name!r} does not fit this model: {problem}")
