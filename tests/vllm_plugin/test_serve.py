@@ -1,4 +1,4 @@
-"""`ilc serve` on the embedded SmolLM2 with the committed streaming plan answers an OpenAI chat request (vLLM's
+"""`ilc serve` on the embedded SmolLM2 with the committed default plan (full + streaming heads) answers an OpenAI chat request (vLLM's
 server, started as a user would; about a minute on 2 cores)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAN = ROOT / "plans" / "smollm2-135m-streaming.yaml"
+PLAN = ROOT / "plans" / "smollm2-135m.yaml"
 STARTUP_S = 600
 
 
