@@ -1,5 +1,5 @@
-"""`ilc serve` on the embedded SmolLM2 with the committed default plan (full + streaming heads) answers an OpenAI chat request (vLLM's
-server, started as a user would; about a minute on 2 cores)."""
+"""`ilc serve` on the embedded SmolLM2 with the committed default plan (full + streaming heads) answers an OpenAI
+chat request (vLLM's server, started as a user would; about a minute on 2 cores)."""
 
 from __future__ import annotations
 
