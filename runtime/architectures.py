@@ -62,6 +62,17 @@ def head_dim(config) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+SHAPE_FIELDS = ("model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
+
+
+def config_shape(config) -> dict:
+    """The shape fields of `ModelSignature` (SHAPE_FIELDS) read from a model config."""
+    cfg = text_config(config)
+    return dict(model_type=cfg.model_type, num_layers=cfg.num_hidden_layers,
+                num_attention_heads=cfg.num_attention_heads,
+                num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim(cfg))
+
+
 def model_signature(model, name: str | None = None) -> ModelSignature:
     """The identity a plan records and `Plan.apply` checks."""
     cfg = text_config(model.config)
@@ -69,28 +80,17 @@ def model_signature(model, name: str | None = None) -> ModelSignature:
     return ModelSignature(
         name=name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         architecture=archs[0],
-        model_type=cfg.model_type,
-        num_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        head_dim=head_dim(cfg),
+        **config_shape(model.config),
         max_context=getattr(cfg, "max_position_embeddings", 0) or 0,
         config_fingerprint=config_fingerprint(model.config),
         weights_fingerprint=weights_fingerprint(model),
     )
 
 
-SHAPE_FIELDS = ("model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
-
-
 def config_mismatch(want: ModelSignature, config) -> str | None:
     """Why a model with `config` is not the model `want` describes (a shape, then the config fingerprint), in
     words; None when it is."""
-    cfg = text_config(config)
-    have = {"model_type": cfg.model_type, "num_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads,
-            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-            "head_dim": head_dim(cfg)}
+    have = config_shape(config)
     for field in SHAPE_FIELDS:
         if have[field] != getattr(want, field):
             return f"{field} is {have[field]}, the plan expects {getattr(want, field)}"
