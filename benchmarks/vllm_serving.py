@@ -70,7 +70,6 @@ def _strip(ids: list[int], eos: int) -> list[int]:
 def engine(kind: str, plan_path: str, samples_file: str, mode: str, requests: int, batched: int) -> dict:
     """One vLLM engine (dense or the plan), in this process: outputs of the prompts, or capacity figures."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process, to read its block pool
-    import torch
     from vllm import LLM, SamplingParams
     from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 
@@ -116,11 +115,7 @@ def engine(kind: str, plan_path: str, samples_file: str, mode: str, requests: in
     return dict(max_concurrency=get_max_concurrency_for_kv_cache_config(core.vllm_config, config),
                 num_blocks=config.num_blocks, groups=len(config.kv_cache_groups), bytes_per_block=bytes_per_block,
                 used_blocks=used_after_admission, seconds=seconds, requests=requests, generated=tokens,
-                prompt_tokens=sum(map(len, prompts)), float_bytes=torch.finfo(llm_dtype(core)).bits // 8)
-
-
-def llm_dtype(core):
-    return core.vllm_config.model_config.dtype
+                prompt_tokens=sum(map(len, prompts)), float_bytes=core.vllm_config.model_config.dtype.itemsize)
 
 
 def run_engine(kind, plan, samples_file, mode, requests, batched) -> dict:

@@ -378,9 +378,9 @@ def _serve_parser(sub) -> None:
 
 
 def _serve(args) -> int:
-    from .serve import plan_path, serve_argv
+    from .serve import serve_argv
 
-    argv = serve_argv(plan_path(args.plan), args.model, args.tensor_parallel_size, args.vllm_args)
+    argv = serve_argv(args.plan, args.model, args.tensor_parallel_size, args.vllm_args)
     print("ilc serve: " + " ".join(argv[1:]), flush=True)
     os.execv(argv[0], argv)
     return 0  # not reached: vLLM replaced this process

@@ -7,7 +7,6 @@ import importlib.metadata
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 from ilc.runtime import load_plan
 
@@ -18,11 +17,11 @@ from .options import OptionError
 def serve_argv(plan: str, model: str | None, tensor_parallel_size: int, vllm_args: list[str]) -> list[str]:
     """The `vllm serve` command line for `plan` on `model` (default: the model the plan names); `vllm_args` come
     last, so they override ilc's defaults (block size, prefill chunk)."""
+    loaded = load_plan(plan)  # a missing or bad plan file is named first, wherever vLLM is
     if importlib.util.find_spec("vllm") is None:
         raise OptionError("ilc serve needs vLLM in this environment: run `make vllm`, then use .venv-vllm/bin/ilc")
     from ilc.runtime.vllm.plugin import engine_args  # imports vLLM: only where it is installed
 
-    loaded = load_plan(plan)
     directory = model_directory(model or loaded.model.name)
     args = engine_args(plan, directory, tensor_parallel_size)
     argv = [sys.executable, "-m", *server_module(), args["model"], "--served-model-name", loaded.model.name,
@@ -40,9 +39,3 @@ def server_module() -> list[str]:
         return ["vllm.entrypoints.cli.main", "serve"]
     except importlib.metadata.PackageNotFoundError:
         return ["vllm.entrypoints.openai.api_server", "--model"]
-
-
-def plan_path(text: str) -> str:
-    if not Path(text).is_file():
-        raise OptionError(f"{text}: no such plan file")
-    return text

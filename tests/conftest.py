@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from ilc.runtime import Plan, model_signature  # noqa: E402
-from ilc.runtime.plan import blocks_from_layers, streaming_block  # noqa: E402
+from ilc.runtime.plan import Block, blocks_from_layers, streaming_block  # noqa: E402
 
 # tests/vllm_plugin/ runs in the vLLM environment (`make test-vllm`); the main environment has no vLLM to run it with
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_plugin"]
@@ -47,6 +47,14 @@ def make_plan(model, groups, sinks=2, window=4, mode="scores", per_head=None, sk
     heads = per_head or [groups] * sig.num_kv_heads
     return Plan(model=sig, sinks=sinks, window=window, blocks=tuple(blocks_from_layers(g) for g in heads),
                 mode=mode, skip_threshold=skip_threshold)
+
+
+def served_plan(model, streaming: dict[tuple[int, int], int], sinks=2, **kw) -> Plan:
+    """A plan vLLM serves: full heads everywhere except `streaming` {(layer, kv head): window}."""
+    base = make_plan(model, [[layer] for layer in range(model.config.num_hidden_layers)], sinks=sinks)
+    heads = tuple(tuple(streaming_block(l, streaming[l, h]) if (l, h) in streaming else Block((l,))
+                        for l in range(base.num_layers)) for h in range(base.num_kv_heads))
+    return Plan(model=base.model, sinks=sinks, window=base.window, blocks=heads, **kw)
 
 
 def mixed_plan(model, sinks=3, window=5, mode="scores", windows=(2, 4, 7)):

@@ -6,18 +6,9 @@ import re
 import pytest
 import torch
 
-from conftest import make_plan, tiny_llama
+from conftest import make_plan, served_plan, tiny_llama
 from ilc.runtime.heads import HeadKind, Selection
-from ilc.runtime.plan import Block, Plan, streaming_block
 from ilc.runtime.vllm.layout import UnservablePlanError, describe, permute_checkpoint_tensor, serving_layout
-
-
-def served_plan(model, streaming: dict[tuple[int, int], int], sinks=2, **kw) -> Plan:
-    """Full heads everywhere except `streaming` {(layer, kv head): window}."""
-    base = make_plan(model, [[layer] for layer in range(model.config.num_hidden_layers)], sinks=sinks)
-    heads = tuple(tuple(streaming_block(l, streaming[l, h]) if (l, h) in streaming else Block((l,))
-                        for l in range(base.num_layers)) for h in range(base.num_kv_heads))
-    return Plan(model=base.model, sinks=sinks, window=base.window, blocks=heads, **kw)
 
 
 def test_groups_are_full_heads_then_streaming_heads_by_window():

@@ -18,8 +18,8 @@ import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.v1.core.block_pool import BlockPool  # noqa: E402
 
-from conftest import make_plan, tiny_llama  # noqa: E402
-from ilc.runtime.plan import Block, Plan, PlanError, streaming_block  # noqa: E402
+from conftest import make_plan, served_plan, tiny_llama  # noqa: E402
+from ilc.runtime.plan import PlanError  # noqa: E402
 from ilc.runtime.vllm.attention import sink_window_attention, visible_positions  # noqa: E402
 from ilc.runtime.vllm.model import ARCHITECTURE, PLAN_KEY  # noqa: E402
 from ilc.runtime.vllm.plugin import engine_args, register  # noqa: E402
@@ -34,13 +34,6 @@ def tiny_model():
     return tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=32, vocab=211, max_pos=512, init_range=0.3)
 
 
-def served_plan(model, streaming=STREAMING, sinks=4) -> Plan:
-    base = make_plan(model, [[layer] for layer in range(model.config.num_hidden_layers)], sinks=sinks)
-    heads = tuple(tuple(streaming_block(l, streaming[l, h]) if (l, h) in streaming else Block((l,))
-                        for l in range(base.num_layers)) for h in range(base.num_kv_heads))
-    return Plan(model=base.model, sinks=sinks, window=base.window, blocks=heads)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(model directory, plan path, HF model) for the tiny model."""
@@ -49,7 +42,7 @@ def served(tmp_path_factory):
     model = tiny_model()
     model.config.architectures = ["LlamaForCausalLM"]
     model.save_pretrained(folder / "model")
-    plan = served_plan(model).save(folder / "plan.yaml")
+    plan = served_plan(model, STREAMING, sinks=4).save(folder / "plan.yaml")
     return folder / "model", plan, model
 
 
@@ -137,7 +130,8 @@ def test_follower_plan_is_refused_in_one_line(served, tmp_path):
 
 def test_plan_for_another_model_is_refused_in_one_line(served, tmp_path):
     directory, _, _ = served
-    other = served_plan(tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=32, vocab=300, init_range=0.3))
+    other = served_plan(tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=32, vocab=300, init_range=0.3),
+                        STREAMING, sinks=4)
     path = other.save(tmp_path / "other.yaml")
     with pytest.raises(PlanError, match="does not fit .*config fingerprint") as err:
         engine_args(path, directory)
@@ -180,7 +174,8 @@ def test_tensor_parallel_2_splits_every_head_group_and_matches_the_runtime(tmp_p
     model = tiny_llama(layers=2, heads=8, kv_heads=4, head_dim=32, vocab=211, init_range=0.3)
     model.config.architectures = ["LlamaForCausalLM"]
     model.save_pretrained(tmp_path / "model")
-    plan_path = served_plan(model, {(0, 0): 16, (0, 3): 16, (1, 1): 32, (1, 2): 32}).save(tmp_path / "plan.yaml")
+    plan = served_plan(model, {(0, 0): 16, (0, 3): 16, (1, 1): 32, (1, 2): 32}, sinks=4)
+    plan_path = plan.save(tmp_path / "plan.yaml")
     llm = LLM(**engine_args(plan_path, tmp_path / "model", tensor_parallel_size=2, **ENGINE,
                             distributed_executor_backend="mp"))
     got = vllm_greedy(llm, PROMPTS[:2], 10)
