@@ -22,14 +22,14 @@ from ilc.attention_stats import sample_rows
 from ilc.calibrate import record_calibration
 from ilc.data import default_corpus, load_calibration_set, retrieval_samples
 from ilc.models import load_model
-from ilc.precision import PrecisionOption, precision_error
+from ilc.precision import precision_error
 from ilc.runtime import load_plan
-from ilc.runtime.quant import Axis
+from ilc.runtime.bits import Axis, HeadPrecision
 from ilc.similarity import streaming_error
 
-OPTIONS = [PrecisionOption(8, 8), PrecisionOption(8, 4), PrecisionOption(4, 4), PrecisionOption(4, 4, Axis.CHANNEL),
-           PrecisionOption(4, 2), PrecisionOption(4, 2, Axis.CHANNEL), PrecisionOption(2, 2),
-           PrecisionOption(2, 2, Axis.CHANNEL)]
+OPTIONS = [HeadPrecision(8, 8), HeadPrecision(8, 4), HeadPrecision(4, 4), HeadPrecision(4, 4, Axis.CHANNEL),
+           HeadPrecision(4, 2), HeadPrecision(4, 2, Axis.CHANNEL), HeadPrecision(2, 2),
+           HeadPrecision(2, 2, Axis.CHANNEL)]
 WINDOWS = (256, 512, 1024, 2048)
 
 

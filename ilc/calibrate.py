@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 import ilc
 from ilc.runtime.architectures import model_signature
-from ilc.runtime.heads import SCORERS, HeadKind, HeadSpec, Mode, Selection, dense_vectors, stored_vectors
+from ilc.runtime.bits import DEFAULT_RESIDUAL, FULL_PRECISION, HeadPrecision, Precision, head_bytes
+from ilc.runtime.heads import SCORERS, HeadKind, HeadSpec, Mode, Selection, dense_vectors
 from ilc.runtime.plan import Block, Plan, blocks_from_layers, streaming_block
 
 from . import grouping, options
@@ -29,10 +30,12 @@ from .attention_stats import record_sample, recording, sample_rows
 from .data import load_calibration_set, read_documents, default_corpus, retrieval_samples
 from .models import DEFAULT_DEVICE, DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, model_context
 from .options import OptionError, check_context, enum_words, option
+from .precision import precision_error
 from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
-MIXED_CRITERION_KEYS = ("assignment", "max_error", "streaming_windows", "total_error", "estimated_saving")
+MIXED_CRITERION_KEYS = ("assignment", "max_error", "streaming_windows", "precisions", "total_error",
+                        "estimated_saving")
 KINDS = (HeadKind.FOLLOWER, HeadKind.STREAMING)  # what a (layer, KV head) may become besides full
 KIND_LABELS = tuple(k.label for k in KINDS)
 STREAMING_WINDOWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # candidates, up to half the seq-len
@@ -113,6 +116,11 @@ class CalibrationSettings:
     scorer: str = option("snapkv", "token selection's scoring rule", choices=lambda: SCORERS)
     selection_window: int = option(64, "token selection: recent tokens always kept and the queries that score; at "
                                    "least the followers' window")
+    precision: tuple[str, ...] = option((), "mixed plans: precisions a shared block may store its keys and values "
+                                        "at besides 16-bit, a comma list of K<bits>[c]V<bits> (bits 8, 4, 2; c: keys "
+                                        "grouped per channel), e.g. K8V8,K4cV4,K4cV2; each priced per head by the "
+                                        "output error of the stored integers", shown_default="16-bit only")
+    residual: int = option(DEFAULT_RESIDUAL, "recent tokens a quantized head keeps at 16 bits (with the sinks)")
     device: str = option(DEFAULT_DEVICE, "torch device (cpu, cuda, cuda:1, mps)")
     dtype: str | None = option(None, "weights dtype", choices=lambda: DTYPES,
                                shown_default="bfloat16 on CUDA, else float32")
@@ -125,6 +133,11 @@ class CalibrationSettings:
         if self.keep is None:
             return None
         return Selection(keep=self.keep, scorer=self.scorer, window=self.selection_window)
+
+    @property
+    def precisions(self) -> tuple[HeadPrecision, ...]:
+        """16-bit, then `precision` as `HeadPrecision`s."""
+        return (FULL_PRECISION, *(HeadPrecision.parse(name) for name in self.precision))
 
     @property
     def head_kinds(self) -> frozenset[HeadKind]:
@@ -152,6 +165,11 @@ class CalibrationSettings:
             raise OptionError(f"--mode must be one of {', '.join(enum_words(Mode))}, got {self.mode!r}")
         if self.scorer not in SCORERS:
             raise OptionError(f"--scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        for name in self.precision:
+            try:
+                HeadPrecision.parse(name)
+            except ValueError as exc:
+                raise OptionError(f"--precision: {exc}") from None
         unknown = [k for k in self.kinds if k not in KIND_LABELS]
         if unknown or not self.kinds:
             raise OptionError(f"--kinds must be a comma list of {', '.join(KIND_LABELS)}, got {','.join(self.kinds)!r}")
@@ -163,6 +181,9 @@ class CalibrationSettings:
             raise OptionError("--criterion jsd cannot price streaming heads: use --criterion output or --kinds follower")
         if self.mixed and self.per_layer:
             raise OptionError("--per-layer groups whole layers: use it with --kinds follower")
+        if self.precision and not self.mixed:
+            raise OptionError("--precision prices bits beside kinds in mixed plans: use --method optimal with "
+                              "streaming in --kinds (the default)")
         if self.max_error is not None and not self.mixed:
             raise OptionError("--max-error is for mixed plans (--kinds follower,streaming); use --min-similarity")
         if self.max_error is not None and self.min_similarity is not None:
@@ -195,6 +216,7 @@ class CalibrationResult:
     windows: WindowChoice
     streaming_error: np.ndarray | None = None  # [Hkv, L, len(streaming_windows)] (mixed plans)
     streaming_windows: tuple[int, ...] = ()
+    precision_error: dict | None = None  # precision name -> [Hkv, L] (with --precision)
 
 
 def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_name: str | None = None,
@@ -221,14 +243,20 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
         model, _, source = load_model(settings.model, settings.device, dtype, settings.device_map)
         source_name = source.name
     rows = sample_rows(settings.seq_len, settings.query_rows)
-    records = record_calibration(model, data, retrieval, rows, progress=progress)
+    head_dim = model_signature(model).head_dim
+    problems = [p.layout_error(head_dim) for p in settings.precisions if p.layout_error(head_dim)]
+    if problems:
+        raise OptionError(f"--precision: {problems[0]}")
+    records = record_calibration(model, data, retrieval, rows, with_keys=bool(settings.precision),
+                                 progress=progress)
     prose = records[:len(data.samples)]  # windows follow ordinary text; options are priced on every sample
     choice = choose_windows(prose, settings.seq_len, settings.sinks, settings.window, settings.window_mass)
     if choice.sinks + choice.window >= settings.seq_len // 2 + 1:
         raise ValueError(f"sinks + window ({choice.sinks} + {choice.window}) leave no distant tokens at the sampled "
                          f"rows of --seq-len {settings.seq_len}; use a longer --seq-len or a smaller --window")
-    plan, sim, stream_err, windows = _compile(records, choice, settings, model, source_name, data, retrieval, rows)
-    return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows)
+    plan, sim, stream_err, windows, prec_err = _compile(records, choice, settings, model, source_name, data,
+                                                        retrieval, rows)
+    return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows, prec_err)
 
 
 def record_calibration(model, data, retrieval, rows: torch.Tensor, with_keys: bool = False,
@@ -244,7 +272,8 @@ def record_calibration(model, data, retrieval, rows: torch.Tensor, with_keys: bo
 
 def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model, source_name, data, retrieval,
              rows) -> tuple:
-    """(plan, similarity, streaming errors, streaming windows) from the recorded samples and the chosen windows."""
+    """(plan, similarity, streaming errors, streaming windows, precision errors) from the recorded samples and the
+    chosen windows."""
     cfg = model.config.get_text_config()
     criterion = settings.criterion or METHODS[settings.method].criterion
     span = min(settings.max_group_size, cfg.num_hidden_layers)
@@ -254,9 +283,15 @@ def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model
     if settings.mixed:
         windows = tuple(w for w in STREAMING_WINDOWS if w <= settings.seq_len // 2)
         stream_err = streaming_error(records, choice.sinks, windows)
-    per_head, chosen = plan_heads(sim, stream_err, windows, settings, target_context, choice.sinks, choice.window)
+    prec_err = None
+    if settings.precision:
+        prec_err = precision_error(records, choice.sinks, settings.residual, list(settings.precisions[1:]))
+    signature = model_signature(model, name=source_name)
+    per_head, chosen, precision = plan_heads(sim, stream_err, windows, settings, target_context, choice.sinks,
+                                             choice.window, prec_err, signature.head_dim)
     plan = Plan(
-        model=model_signature(model, name=source_name),
+        model=signature,
+        precision=precision,
         sinks=choice.sinks,
         window=choice.window,
         blocks=per_head,
@@ -276,7 +311,7 @@ def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model
         distance_curve=choice.curve,
         similarity=_banded(sim, span),
     )
-    return plan, sim, stream_err, windows
+    return plan, sim, stream_err, windows, prec_err
 
 
 def _provenance(settings: CalibrationSettings, model, data, retrieval, rows) -> dict:
@@ -339,17 +374,25 @@ def plan_blocks(sim: np.ndarray, settings: CalibrationSettings, target_context: 
 
 
 def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[int, ...],
-               settings: CalibrationSettings, target_context: int, sinks: int, window: int) -> tuple[tuple, dict]:
-    """Per KV head, the plan's blocks under the settings, and what to record in the plan's criterion.
+               settings: CalibrationSettings, target_context: int, sinks: int, window: int,
+               prec_err: dict | None = None, head_dim: int = 64) -> tuple[tuple, dict, Precision | None]:
+    """Per KV head, the plan's blocks under the settings, what to record in the plan's criterion, and the plan's
+    precision section (None without --precision).
 
     With token selection (--keep), every head is priced as selection leaves it: a FULL head already saves what
     selection drops (at no priced error: selection's loss is not measured here), so the choices are made on what
     each option saves beyond that, towards the rest of the target. Followers need values for their whole window,
-    so with a selection window below it, heads are full or streaming."""
+    so with a selection window below it, heads are full or streaming. With --precision, each shared block also
+    chooses its bits (`grouping.assign_head`), priced by `prec_err` {name: [Hkv, L]}."""
     if not settings.mixed:
-        return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": [HeadKind.FOLLOWER.label]}
+        return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": [HeadKind.FOLLOWER.label]}, None
     hkv, n, _ = sim.shape
-    options, base = _head_options(sim, stream_err, windows, settings, target_context, sinks, window)
+    missing = [name for name in settings.precision if name not in (prec_err or {})]
+    if missing:
+        raise ValueError(f"this calibration priced no {', '.join(missing)}; calibrate with --precision "
+                         f"{','.join(settings.precision)}")
+    options, base = _head_options(sim, stream_err, windows, settings, target_context, sinks, window, prec_err,
+                                  head_dim)
     max_error = settings.max_error
     if max_error is None and settings.target_saving is None:
         max_error = 1.0 - (settings.min_similarity if settings.min_similarity is not None
@@ -361,32 +404,65 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
         saved += base * n * hkv
     except ValueError as exc:
         raise ValueError(f"--target-saving {settings.target_saving} at {target_context} tokens is out of reach: "
-                         f"{exc}; raise --max-group-size or --max-error, or lower the target") from None
+                         f"{exc}; raise --max-group-size or --max-error, add --precision, or lower the "
+                         "target") from None
     allowed = options[0].allowed
     chosen = {"kinds": [k for k in settings.kinds if HeadKind.from_label(k) in allowed],
               "assignment": "lagrangian-dp", "max_error": max_error, "streaming_windows": list(windows),
+              **({"precisions": list(options[0].precisions)} if settings.precision else {}),
               "total_error": round(error, 4), "estimated_saving": round(saved, 4)}
-    return _blocks_of_segments(sim, segments), chosen
+    precision = _precision_of_segments(segments, n, settings) if settings.precision else None
+    return _blocks_of_segments(sim, segments), chosen, precision
 
 
 def _head_options(sim: np.ndarray, stream_err: np.ndarray, windows: tuple[int, ...], settings: CalibrationSettings,
-                  target_context: int, sinks: int, window: int) -> tuple[list, float]:
+                  target_context: int, sinks: int, window: int, prec_err: dict | None,
+                  head_dim: int) -> tuple[list, float]:
     """(what each option of each KV head costs and saves, what token selection alone saves per head), savings as
-    shares of the whole dense cache at `target_context`."""
+    shares of the whole dense cache's bytes at `target_context` (`bits.head_bytes`)."""
     hkv, n, _ = sim.shape
     selection = settings.selection
-    dense = dense_vectors(n, hkv, target_context)  # vectors of the whole dense cache
-    head = dense_vectors(1, 1, target_context)  # one dense head
-    saving = lambda spec: (head - stored_vectors(spec, target_context, sinks, selection)) / dense  # noqa: E731
-    base = saving(HeadSpec(HeadKind.FULL, 0, 0))  # what selection alone saves per head
-    follower_saving = saving(HeadSpec(HeadKind.FOLLOWER, 0, window)) - base
+    dense = dense_vectors(n, hkv, target_context) * head_dim * 2  # bytes of the whole 16-bit dense cache
+    head = dense_vectors(1, 1, target_context) * head_dim * 2  # one dense head
+
+    def saving(spec: HeadSpec, precision: HeadPrecision = FULL_PRECISION) -> float:
+        stored = head_bytes(spec, precision, target_context, sinks, head_dim, settings.residual, selection)
+        return (head - stored) / dense
+
+    full, follower = HeadSpec(HeadKind.FULL, 0, 0), HeadSpec(HeadKind.FOLLOWER, 0, window)
+    base = saving(full)  # what selection alone saves per head
+    follower_saving = saving(follower) - base
     stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w)) for w in windows]) - base
+    precisions = settings.precisions
+    anchor_saving = np.array([saving(full, p) for p in precisions]) - base
+    values_only = [HeadPrecision(16, p.value_bits, group=p.group) for p in precisions]
+    follower_precision_saving = np.array([saving(follower, p) for p in values_only]) - base - follower_saving
     allowed = settings.head_kinds
     if selection is not None and selection.window < window:  # followers need values for their whole window
         allowed -= {HeadKind.FOLLOWER}
-    options = [grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_err[h], stream_saving, windows, allowed)
-               for h in range(hkv)]
+    options = []
+    for h in range(hkv):
+        errors = np.stack([np.zeros(n)] + [prec_err[p.name][h] for p in precisions[1:]])
+        options.append(grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_err[h], stream_saving, windows,
+                                            allowed, tuple(p.name for p in precisions), errors, anchor_saving,
+                                            follower_precision_saving))
     return options, base
+
+
+def _precision_of_segments(segments, num_layers: int, settings: CalibrationSettings) -> Precision:
+    """The plan's precision section: a shared block's anchor at its precision, its followers at its value bits,
+    streaming heads at 16 bits."""
+    heads = []
+    for segs in segments:
+        row = [FULL_PRECISION] * num_layers
+        for seg in segs:
+            if seg.streaming_window is None:
+                p = HeadPrecision.parse(seg.precision)
+                row[seg.layers[0]] = p
+                for layer in seg.layers[1:]:
+                    row[layer] = HeadPrecision(16, p.value_bits, group=p.group)
+        heads.append(tuple(row))
+    return Precision(tuple(heads), settings.residual)
 
 
 def _blocks_of_segments(sim: np.ndarray, segments) -> tuple:
@@ -411,11 +487,12 @@ def regroup(result: CalibrationResult, settings: CalibrationSettings, target_con
     plan = result.plan
     if settings.mixed and result.streaming_error is None:
         raise ValueError("this calibration priced no streaming options; calibrate with --kinds follower,streaming")
-    blocks, chosen = plan_heads(result.similarity, result.streaming_error, result.streaming_windows, settings,
-                                target_context, plan.sinks, plan.window)
+    blocks, chosen, precision = plan_heads(result.similarity, result.streaming_error, result.streaming_windows,
+                                           settings, target_context, plan.sinks, plan.window, result.precision_error,
+                                           plan.model.head_dim)
     kept = {k: v for k, v in plan.criterion.items() if k not in MIXED_CRITERION_KEYS}
     criterion = {**kept, **_choice_entries(settings, chosen, target_context)}
-    return replace(plan, blocks=blocks, criterion=criterion, selection=settings.selection)
+    return replace(plan, blocks=blocks, criterion=criterion, selection=settings.selection, precision=precision)
 
 
 def _banded(sim: np.ndarray, span: int) -> dict:

@@ -12,9 +12,9 @@ Methods (registered by name in `ilc.calibrate.METHODS`):
   followers over all heads (a target saving), the least total loss, by dynamic programming per head and a
   knapsack across heads.
 
-Mixed plans (`assign_mixed`) add a third option per (layer, head), a STREAMING head with its own window, each
-option priced by its measured output error and its saving: a DP per head under a Lagrange multiplier found by
-bisection.
+Mixed plans (`assign_mixed`) add a third option per (layer, head), a STREAMING head with its own window, and,
+per shared block, a precision (its anchor's keys and values, its followers' values as integers), each option
+priced by its measured output error and its saving: a DP per head under a Lagrange multiplier found by bisection.
 """
 
 from __future__ import annotations
@@ -148,7 +148,11 @@ class HeadOptions:
 
     follower_error[a, f]: layer f follows anchor a (a < f < a + max_size); follower_saving: one follower's saving;
     streaming_error[layer, k] and streaming_saving[k]: the layer as a STREAMING head with windows[k];
-    allowed: which of HeadKind.FOLLOWER, HeadKind.STREAMING may be chosen (FULL always may; labels are accepted)."""
+    allowed: which of HeadKind.FOLLOWER, HeadKind.STREAMING may be chosen (FULL always may; labels are accepted);
+    precisions: names of a shared block's precisions (`bits.HeadPrecision`), the first 16-bit;
+    precision_error[p, layer]: the layer's added error at precisions[p] (row 0: zeros);
+    anchor_saving[p] / follower_precision_saving[p]: what precisions[p] saves on a block's anchor / on each follower
+    (values only) beyond the same head at 16 bits."""
 
     follower_error: np.ndarray
     follower_saving: float
@@ -156,10 +160,19 @@ class HeadOptions:
     streaming_saving: np.ndarray
     windows: tuple[int, ...]
     allowed: frozenset[HeadKind]
+    precisions: tuple[str, ...] = ("K16V16",)
+    precision_error: np.ndarray | None = None
+    anchor_saving: np.ndarray | None = None
+    follower_precision_saving: np.ndarray | None = None
 
     def __post_init__(self):
         kinds = frozenset(k if isinstance(k, HeadKind) else HeadKind.from_label(k) for k in self.allowed)
         object.__setattr__(self, "allowed", kinds)
+        n, count = self.follower_error.shape[0], len(self.precisions)
+        for name, shape in (("precision_error", (count, n)), ("anchor_saving", (count,)),
+                            ("follower_precision_saving", (count,))):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.zeros(shape))
 
 
 @dataclass(frozen=True)
@@ -168,11 +181,14 @@ class Segment:
 
     layers: tuple[int, ...]
     streaming_window: int | None = None
+    precision: str = "K16V16"  # a shared block's precision (`HeadOptions.precisions`)
 
 
 def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | None):
     """Exact DP over one head's layers for the Lagrangian cost sum(error) - lam * sum(saving).
 
+    A shared block [a, end) at precision p costs its followers' sharing errors plus every layer's precision error,
+    and saves its followers' sharing plus what p saves on the anchor and on each follower.
     Returns (segments, total error, total saving). Options whose error exceeds `max_error` are not allowed."""
     n = opt.follower_error.shape[0]
     best = [0.0] + [math.inf] * n
@@ -180,27 +196,42 @@ def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | 
     stream_cost = opt.streaming_error - lam * opt.streaming_saving[None, :]
     if max_error is not None:
         stream_cost = np.where(opt.streaming_error > max_error, math.inf, stream_cost)
+    precision_ok = np.ones_like(opt.precision_error, dtype=bool) if max_error is None \
+        else opt.precision_error <= max_error
+
+    def block(a: int, end: int, p: int) -> tuple[float, float]:
+        """(error, saving) of the shared block [a, end) at precision p."""
+        followers = end - a - 1
+        error = float(opt.follower_error[a, a + 1:end].sum() + opt.precision_error[p, a:end].sum())
+        saving = opt.anchor_saving[p] + followers * (opt.follower_saving + opt.follower_precision_saving[p])
+        return error, float(saving)
+
     for end in range(1, n + 1):
         for a in range(max(0, end - max_size), end):
             errs = opt.follower_error[a, a + 1:end]
             if end - a > 1 and (HeadKind.FOLLOWER not in opt.allowed
                                 or (max_error is not None and errs.max() > max_error)):
                 continue
-            cost = best[a] + float(errs.sum()) - lam * opt.follower_saving * (end - a - 1)
-            if cost < best[end]:
-                best[end], how[end] = cost, (a, None)
+            for p in range(len(opt.precisions)):
+                if not precision_ok[p, a:end].all():
+                    continue
+                error, saving = block(a, end, p)
+                cost = best[a] + error - lam * saving
+                if cost < best[end]:
+                    best[end], how[end] = cost, (a, None, p)
         if HeadKind.STREAMING in opt.allowed and len(opt.windows):
             k = int(np.argmin(stream_cost[end - 1]))
             cost = best[end - 1] + float(stream_cost[end - 1, k])
             if cost < best[end]:
-                best[end], how[end] = cost, (end - 1, k)
+                best[end], how[end] = cost, (end - 1, k, 0)
     segments, end, error, saving = [], n, 0.0, 0.0
     while end > 0:
-        a, k = how[end]
+        a, k, p = how[end]
         if k is None:
-            segments.append(Segment(tuple(range(a, end))))
-            error += float(opt.follower_error[a, a + 1:end].sum())
-            saving += opt.follower_saving * (end - a - 1)
+            segments.append(Segment(tuple(range(a, end)), precision=opt.precisions[p]))
+            block_error, block_saving = block(a, end, p)
+            error += block_error
+            saving += block_saving
         else:
             segments.append(Segment((a,), opt.windows[k]))
             error += float(opt.streaming_error[a, k])

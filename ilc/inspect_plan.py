@@ -17,7 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ilc.runtime.heads import BlockKind, HeadKind, HeadSpec, Mode, dense_vectors, stored_vectors
+from ilc.runtime.bits import DEFAULT_RESIDUAL, head_bytes
+from ilc.runtime.heads import BlockKind, HeadKind, HeadSpec, Mode, dense_vectors
 from ilc.runtime.plan import Plan
 
 from .options import check_plot_path, check_ranges, check_writable, option, plot_path
@@ -79,29 +80,34 @@ def _section(name: str, value, render) -> list[str]:
 
 @dataclass(frozen=True)
 class _Footprint:
-    """How many (layer, KV head) pairs hold each (kind, window): enough to price the plan at any context."""
+    """How many (layer, KV head) pairs hold each (kind, window, precision): enough to price the plan at any
+    context."""
 
     plan: Plan
-    counts: Counter  # (HeadKind, window) -> (layer, KV head) pairs
+    counts: Counter  # (HeadKind, window, HeadPrecision) -> (layer, KV head) pairs
 
     @classmethod
     def of(cls, plan: Plan, table) -> "_Footprint":
-        return cls(plan, Counter((spec.kind, spec.window) for row in table for spec in row))
+        return cls(plan, Counter((spec.kind, spec.window, p) for layer, row in enumerate(table)
+                                 for spec, p in zip(row, plan.layer_precisions(layer))))
 
     def kind_count(self, kind: HeadKind) -> int:
-        return sum(n for (k, _), n in self.counts.items() if k == kind)
+        return sum(n for (k, _, _), n in self.counts.items() if k == kind)
 
-    def vectors(self, context: int, kind: HeadKind | None = None) -> tuple[int, int]:
-        """(dense, planned) K and V head-token vectors at `context` tokens, of every head or of one kind."""
-        planned, heads = 0, 0
-        for (k, window), n in self.counts.items():
+    def bytes(self, context: int, kind: HeadKind | None = None, dtype_bytes: int = 2) -> tuple[int, int]:
+        """(dense, planned) K and V bytes of one sequence at `context` tokens, of every head or of one kind
+        (`bits.head_bytes`: integers, scales and minimums as stored, floats at `dtype_bytes`)."""
+        plan, planned, heads = self.plan, 0, 0
+        residual = plan.precision.residual if plan.precision else DEFAULT_RESIDUAL
+        for (k, window, precision), n in self.counts.items():
             if kind is None or k == kind:
-                planned += n * stored_vectors(HeadSpec(k, 0, window), context, self.plan.sinks, self.plan.selection)
+                planned += n * head_bytes(HeadSpec(k, 0, window), precision, context, plan.sinks,
+                                          plan.model.head_dim, residual, plan.selection, dtype_bytes)
                 heads += n
-        return dense_vectors(1, heads, context), planned
+        return dense_vectors(1, heads, context) * plan.model.head_dim * dtype_bytes, planned
 
     def saving(self, context: int) -> float:
-        dense, planned = self.vectors(context)
+        dense, planned = self.bytes(context)
         return 1.0 - planned / dense
 
 
@@ -117,9 +123,9 @@ def format_plan(plan: Plan, context: int | None = None, dtype_bytes: int = 2, ba
         rule = {k: plan.criterion.get(k) for k in ("assignment", "kinds", "max_error", "total_error")}
         lines += _section("criterion (kinds)", rule, _kinds_rule_lines)
     lines += _selection_lines(plan) + _adapted_lines(plan)
-    lines += ["", *_kind_grid_lines(plan, table, footprint), "", *_block_lines(plan), ""]
+    lines += ["", *_kind_grid_lines(plan, table, footprint), "", *_precision_lines(plan), *_block_lines(plan), ""]
     lines += _savings_lines(plan, footprint, context, batch, dtype_bytes)
-    lines += ["", *_bytes_by_kind_lines(footprint, context, batch * m.head_dim * dtype_bytes)]
+    lines += ["", *_bytes_by_kind_lines(footprint, context, batch, dtype_bytes)]
     if context > m.max_context:
         lines.append(f"warning: --context {context} exceeds the model's limit of {m.max_context}")
     if plan.mode == Mode.KEYS:
@@ -213,6 +219,24 @@ def _kind_grid_lines(plan: Plan, table, footprint: _Footprint) -> list[str]:
     return lines + [f"  {counts} (layer, KV head) pairs"]
 
 
+def _precision_lines(plan: Plan) -> list[str]:
+    """Bits of keys and values per (layer, KV head), with the counts per precision; none without ``precision:``."""
+    if plan.precision is None:
+        return []
+    p = plan.precision
+    layers, heads = min(plan.num_layers, SHOWN_LAYERS), min(plan.num_kv_heads, SHOWN_HEADS)
+    digit = lambda bits: "-" if bits == 16 else str(bits)  # noqa: E731
+    lines = [f"bits per layer and KV head (keys then values; - = 16-bit): sinks and the last {p.residual} tokens "
+             f"stay 16-bit, integers in groups of {p.group} with a 16-bit scale and minimum each",
+             "  layer   " + " ".join(f"{i % 10:<2}" for i in range(layers))]
+    for h in range(heads):
+        lines.append(f"  head {h:<3}" + " ".join(digit(p.of(i, h).key_bits) + digit(p.of(i, h).value_bits)
+                                                 for i in range(layers)))
+    lines += _more(heads, plan.num_kv_heads, "KV heads")
+    counts = ", ".join(f"{n} {name}" for name, n in p.counts().items())
+    return lines + [f"  {counts} (layer, KV head) pairs (c: keys grouped per channel)", ""]
+
+
 def _block_lines(plan: Plan) -> list[str]:
     lines = ["blocks per KV head (anchor layer first; [min follower similarity]; sN = streaming, window N):"]
     for h, blocks in enumerate(plan.blocks[:SHOWN_HEADS]):
@@ -231,25 +255,25 @@ def _span(layers) -> str:
 def _savings_lines(plan: Plan, footprint: _Footprint, context: int, batch: int, dtype_bytes: int) -> list[str]:
     lines = [f"{'context':>8} {'dense KV':>10} {'planned KV':>11} {'saved':>6}   (batch {batch}, "
              f"{dtype_bytes} bytes/element)"]
-    per_vector = batch * plan.model.head_dim * dtype_bytes
     for n in sorted({*[x for x in CONTEXTS if x <= max(context, 1024)], context}):
-        dense, planned = footprint.vectors(n)
+        dense, planned = footprint.bytes(n, dtype_bytes=dtype_bytes)
         mark = " <- --context" if n == context else ""
-        lines.append(f"{n:>8} {_mib(dense * per_vector):>10} {_mib(planned * per_vector):>11} "
-                     f"{footprint.saving(n):>6.1%}{mark}")
+        lines.append(f"{n:>8} {_mib(batch * dense):>10} {_mib(batch * planned):>11} "
+                     f"{1 - planned / dense:>6.1%}{mark}")
     lines.append(f"(saving grows with context towards {footprint.saving(10**9):.1%}: proximal tokens are always "
                  "kept)" + (" (with selection: right after a prompt of that length)" if plan.selection else ""))
     return lines
 
 
-def _bytes_by_kind_lines(footprint: _Footprint, context: int, per_vector: int) -> list[str]:
-    lines = [f"bytes by kind at {context} tokens:"]
+def _bytes_by_kind_lines(footprint: _Footprint, context: int, batch: int, dtype_bytes: int) -> list[str]:
+    scales = " (integers with their scales)" if footprint.plan.quantized else ""
+    lines = [f"bytes by kind at {context} tokens{scales}:"]
     for kind in HeadKind:
         count = footprint.kind_count(kind)
         if count:
-            dense, held = footprint.vectors(context, kind)
-            lines.append(f"  {kind.label:<10} {count:>4} heads {_mib(held * per_vector):>11} held of "
-                         f"{_mib(dense * per_vector):>11} dense")
+            dense, held = footprint.bytes(context, kind, dtype_bytes)
+            lines.append(f"  {kind.label:<10} {count:>4} heads {_mib(batch * held):>11} held of "
+                         f"{_mib(batch * dense):>11} dense")
     return lines
 
 

@@ -11,41 +11,13 @@ group fills.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from ilc.runtime.quant import Axis, QuantSpec, dequantize, quantize
+from ilc.runtime.bits import Axis, HeadPrecision, QuantSpec
+from ilc.runtime.quant import dequantize, quantize
 
 from .attention_stats import SampleRecord
-
-
-@dataclass(frozen=True)
-class PrecisionOption:
-    """Keys and values of one head at these bits (16: unquantized)."""
-
-    key_bits: int
-    value_bits: int
-    key_axis: Axis = Axis.TOKEN
-    group: int = 32
-
-    @property
-    def name(self) -> str:
-        return f"K{self.key_bits}{'c' if self.key_axis == Axis.CHANNEL else ''}V{self.value_bits}"
-
-    def key_spec(self) -> QuantSpec | None:
-        return QuantSpec(self.key_bits, self.group, self.key_axis) if self.key_bits < 16 else None
-
-    def value_spec(self) -> QuantSpec | None:
-        return QuantSpec(self.value_bits, self.group) if self.value_bits < 16 else None
-
-    def bytes_per_token(self, head_dim: int, tokens: int = 4096) -> float:
-        """K + V bytes per token of one head (scales and minimums included), 16-bit elements when unquantized."""
-        total = 0
-        for spec in (self.key_spec(), self.value_spec()):
-            total += spec.stored_bytes(tokens, head_dim) if spec else 2 * tokens * head_dim
-        return total / tokens
 
 
 def _round_trip(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
@@ -59,7 +31,7 @@ def _round_trip(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
 
 
 def precision_error(records: list[SampleRecord], sinks: int, residual: int,
-                    options: list[PrecisionOption]) -> dict[str, np.ndarray]:
+                    options: list[HeadPrecision]) -> dict[str, np.ndarray]:
     """{option name: err [Hkv, L]} (see the module docstring); the records must carry keys (`with_keys`)."""
     if any(r.keys is None for r in records):
         raise ValueError("precision pricing needs records with keys (record_sample(..., with_keys=True))")

@@ -9,6 +9,8 @@ runtime must not need it.
   FOLLOWER heads of a layer (keys mode: one per anchor whose keys the followers read), one per group of
   STREAMING heads with one window, then one `decode_merge`. In scores mode an anchor writes its logits of the
   step, and its followers read them instead of the anchor's keys;
+- decode over quantized heads: `quantized_decode_attention` (`quant_decode.py`), packed int8/int4/int2 keys and
+  values dequantized in registers, the same split-K partials and merge;
 - prefill: `prefill_attention`, the flash kernel of `prefill.py`, for follower heads and (with
   `streaming=True`) for streaming heads; the runtime runs PyTorch SDPA (FlashAttention) for FULL heads.
 """
@@ -79,6 +81,36 @@ def decode_attention(query, table, *, group, values, anchor_keys, sink_keys, rin
         SINKS=sinks, BLOCK_S=max(16, _next_pow2(sinks)), WINDOW=window, GROUP=group,
         BLOCK_G=max(16, _next_pow2(group)), D=d, BLOCK_N=decode_block(query.device), NSPLIT_CAP=cap,
         UPCAST=_upcast(query), DEVICE_TOTAL=total_at is not None,
+    )
+
+
+def quantized_decode_attention(query, table, *, group, head_k, head_v, k_data, k_scale, k_min, v_data, v_scale,
+                               v_min, tail_k, tail_v, row_start, mid_o, mid_lse, k_prefix, k_packed, v_prefix,
+                               v_packed, total, scaling, key_bits, value_bits, key_channel, quant_group, nsplit,
+                               split_len):
+    """One split-K launch over quantized heads (`quant_decode.py`); partials go to mid_o / mid_lse as for
+    `decode_attention`, then `decode_merge`.
+
+    query [B, Hq, 1, D]; table rows: KV_HEAD, OWN (the head's index in the key tensors) and VALUE (in the value
+    tensors). Keys: head_k [B, H, >= k_prefix, D] 16-bit slots [0, k_prefix); k_data uint8 [B, H, >= k_packed,
+    D * key_bits / 8] slots [k_prefix, k_prefix + k_packed), k_scale / k_min [B, H, k_packed (or k_packed /
+    quant_group with key_channel), D / quant_group (or D)]; tail_k [B, H, >= total - k_prefix - k_packed, D] the
+    slots after them. Values the same with v_*, grouped per token. A side stored at 16 bits: prefix and packed 0,
+    any tensors for its data. row_start int32 [B]."""
+    from .quant_decode import _quant_decode_split
+
+    b, hq, _, d = query.shape
+    _quant_decode_split[(b, table.shape[0], nsplit)](
+        query, head_k, head_v, k_data, k_scale, k_min, v_data, v_scale, v_min, tail_k, tail_v, row_start, mid_o,
+        mid_lse, table, k_prefix, k_packed, v_prefix, v_packed, total, scaling, split_len, hq,
+        query.stride(0), query.stride(1), head_k.stride(0), head_k.stride(1), head_k.stride(2),
+        head_v.stride(0), head_v.stride(1), head_v.stride(2),
+        k_data.stride(0), k_data.stride(1), k_data.stride(2), k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        v_data.stride(0), v_data.stride(1), v_data.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        tail_k.stride(0), tail_k.stride(1), tail_k.stride(2), tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
+        GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=d, BLOCK_N=decode_block(query.device),
+        NSPLIT_CAP=mid_o.shape[2], KEY_BITS=key_bits, VALUE_BITS=value_bits, KEY_CHANNEL=key_channel,
+        QGROUP=quant_group, UPCAST=_upcast(query),
     )
 
 

@@ -29,8 +29,9 @@ from .adapter import check_adapter, merge_adapter
 from .architectures import check_supported, config_mismatch, model_signature, text_config
 from .attention import ATTENTION_NAME, pod_attention, pod_mask
 from .cache import PoDCache
-from .heads import Mode
+from .heads import SCORERS, Mode
 from .plan import SERVING, Plan, PlanError, check_runtime_options
+from .replay import REPLAY_KWARG, replay_scores
 from .report import cache_report
 from .sequence import SEQUENCE_KWARG
 from .static_cache import StaticPoDCache
@@ -166,6 +167,8 @@ class PlanHook:
                             f"{module.config._attn_implementation!r}; call ilc.runtime.remove_plan(model) first")
         if kwargs.get(SEQUENCE_KWARG) is not None:  # a whole-sequence forward (training): no cache at all
             return args, _sequence_kwargs(args, kwargs, applied.max_context)
+        if kwargs.get(REPLAY_KWARG) is not None:  # the replay scorer's own forwards (`_replay`), dense cache
+            return args, kwargs
         cache = kwargs.get("past_key_values")
         if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
             cache = applied.new_cache()
@@ -190,7 +193,19 @@ class PlanHook:
             raise PlanError(f"context of {seen + new} tokens exceeds the model's limit of {applied.max_context} "
                             "(max_position_embeddings); nothing was computed")
         _record_padding(cache, kwargs.get("attention_mask"), seen)
+        if seen == 0 and new > 1 and cache.state.selection is not None and SCORERS[cache.state.selection.scorer].replay:
+            _replay(module, cache, args, kwargs)
         return args, kwargs
+
+
+def _replay(model, cache: PoDCache, args: tuple, kwargs: dict) -> None:
+    """The replay scorer: score the prompt before the plan's own prefill (`ilc.runtime.replay`)."""
+    ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+    if ids is None or ids.is_floating_point():
+        raise PlanError("the replay scorer re-reads the prompt's token ids: pass input_ids, not inputs_embeds")
+    state = cache.state
+    row_start = state.row_starts(ids.shape[0], ids.device)
+    state.replay_scores = replay_scores(model, ids, row_start)
 
 
 def _new_tokens(args: tuple, kwargs: dict) -> int:

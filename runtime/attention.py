@@ -2,10 +2,11 @@
 
 `pod_attention` receives what the cache's `update` returned and sends it down one path:
 - a whole-sequence forward without a cache (training, `ilc.runtime.sequence`);
+- the replay scorer's dense forwards (`ilc.runtime.replay`);
 - a decode step over a `StaticPoDCache` (`StaticStep`): the Triton decode kernel reading the slot count on the
   device (`kernel_dispatch.static_decode_triton`) or `reference.static_decode`;
 - an update of a growing `PoDCache` (`PoDKeys`): the Triton kernels (`kernel_dispatch`, on CUDA or with
-  kernels=True, plans without token selection) or the PyTorch reference (`reference.reference_attention`).
+  kernels=True, plans without token selection, nor followers of quantized anchors) or the PyTorch reference (`reference.reference_attention`).
 Around the call it keeps what later layers need: an anchor's query for its scores-mode followers (dropped after
 its last reader), and the last prompt queries that token selection scores with. The rule itself is stated in
 `ilc.runtime.reference`.
@@ -21,6 +22,7 @@ from .cache import CacheState, PoDKeys
 from .heads import Mode
 from .kernel_dispatch import pod_attention_triton, prepare_static, static_decode_triton
 from .reference import reference_attention, static_decode
+from .replay import REPLAY_KWARG, replay_attention
 from .sequence import SEQUENCE_KWARG, sequence_attention
 from .static_cache import StaticPoDLayer, StaticStep
 
@@ -32,6 +34,9 @@ def pod_attention(module, query, key, value, attention_mask=None, scaling=None, 
     if dropout:
         raise RuntimeError("ilc's PoD attention does not support attention dropout")
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    recorder = kwargs.get(REPLAY_KWARG)
+    if recorder is not None:  # the replay scorer re-reading the prompt over a dense cache (`replay`)
+        return replay_attention(module.layer_idx, query, key, value, scaling, recorder).transpose(1, 2), None
     sequence = kwargs.get(SEQUENCE_KWARG)
     if sequence is not None:  # a whole-sequence forward without a cache (training: `ilc.runtime.sequence`)
         return sequence_attention(module.layer_idx, query, key, value, scaling, sequence).transpose(1, 2), None
@@ -61,7 +66,8 @@ def _dispatch(query, key: PoDKeys | StaticStep, value, scaling: float) -> torch.
         return (static_decode_triton if kernels else static_decode)(query, key, value, scaling)
     if isinstance(layer, StaticPoDLayer) and layer.layer_idx == 0 and layer.uses_kernels(query):
         prepare_static(layer.cache, query.shape[0], query.device)  # a static prefill: before a decode is captured
-    if state.selection is None and (state.kernels or (state.kernels is None and query.is_cuda)):
+    if state.selection is None and not state.quantized_followers and (state.kernels or (state.kernels is None
+                                                                                      and query.is_cuda)):
         return pod_attention_triton(query, key, value, scaling)
     return reference_attention(query, key, value, scaling)
 

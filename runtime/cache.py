@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .bits import HeadPrecision
 from .heads import HeadKind, HeadSpec, Mode, Selection, stored_vectors
 from .plan import Plan, PlanError
 from .selection import SelectionShape, choose_tokens, selection_shape
+from .slots import HeadSlots, grown_capacity, resized, tensor_bytes
 
 
 @dataclass
@@ -47,11 +49,14 @@ class CacheState:
     selected: bool = False  # selection has run (it runs once)
     shift: int = 0  # logical slot - stored slot of value heads and followers' own keys (after selection)
     observed: dict = field(default_factory=dict)  # layer -> (last prompt queries [B, Hq, w, D], scaling)
+    replay_scores: dict = field(default_factory=dict)  # layer -> [B, Hkv, T] (the replay scorer, `ilc.runtime.replay`)
     queries: dict = field(default_factory=dict)  # anchor layer -> its query of the current forward ("scores" mode)
     kernel_scratch: dict = field(default_factory=dict)  # buffers the Triton kernels reuse across layers and steps
     skipped_rows: int = 0  # follower query rows whose distant attention was skipped (skip_threshold)
     follower_rows: int = 0
     kernels: bool | None = None  # Triton kernels: None = on CUDA tensors, True = always, False = never
+    residual: int = 0  # recent tokens a quantized head keeps in the model's dtype (the plan's precision:)
+    quantized_followers: bool = False  # quantized heads and followers: the PyTorch reference path serves all
 
     def set_stored_row_start(self, row_start: torch.Tensor | None) -> None:
         """Row starts in stored slots (value heads, followers); `set_row_start` sets both kinds before selection."""
@@ -150,16 +155,6 @@ class LogicalLength:
         return -1
 
 
-GROWTH_MIN_SLOTS = 8  # the least a layer's storage grows by: a copy every 8 decode steps at short contexts
-
-
-def grown_capacity(capacity_needed: int) -> int:
-    """Slots to allocate when `capacity_needed` no longer fit: 1/128 more (at least GROWTH_MIN_SLOTS), so appends
-    cost amortized O(1), never a full copy per decode step, and the slack stays in proportion to what is held
-    (under 1% from 1k tokens on; at most 8 slots, 4% at 200 tokens)."""
-    return capacity_needed + max(GROWTH_MIN_SLOTS, capacity_needed // 128)
-
-
 class PoDLayer(LogicalLength, CacheLayerMixin):
     """One layer's storage under a plan: see the module docstring."""
 
@@ -192,6 +187,7 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, _, _, d = key_states.shape
+        self.batch, self.head_dim = b, d
         new = lambda heads, n: key_states.new_zeros(b, len(heads), n, d)  # noqa: E731
         self.values = new(self.value_heads, 0)
         self.anchor_keys = new(self.anchor_heads, 0)
@@ -212,14 +208,32 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             return
         cap = grown_capacity(total)
         stored = self.seen - self.state.shift  # slots in use (fewer than seen once selection has compacted)
-        self.values = _resize(self.values, cap, stored)
-        self.anchor_keys = _resize(self.anchor_keys, cap, stored)
+        self.values = resized(self.values, cap, stored)
+        self.anchor_keys = resized(self.anchor_keys, cap, stored)
+        self._grow_rings(cap)
+        self.capacity = cap
+
+    def _grow_rings(self, cap: int) -> None:
         if self.follower_heads:
             self.ring_keys = _grow_ring(self.ring_keys, min(self.state.window, cap))
         for group in self.stream_groups:
             group.ring_k = _grow_ring(group.ring_k, min(group.window, cap))
             group.ring_v = _grow_ring(group.ring_v, min(group.window, cap))
-        self.capacity = cap
+
+    def _write(self, start: int, total: int, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
+        """Store slots [start, total) of the FULL heads' keys [B, Ha, n, D] and the value heads' values."""
+        if values is not None:
+            self.values[:, :, start:total] = values
+        if keys is not None:
+            self.anchor_keys[:, :, start:total] = keys
+
+    def stored_keys(self, total: int) -> torch.Tensor:
+        """[B, Ha, total, D] keys of the FULL heads (anchors and dense heads), stored slots [0, total)."""
+        return self.anchor_keys[:, :, :total]
+
+    def stored_values(self, total: int) -> torch.Tensor:
+        """[B, Hv, total, D] values of the FULL and FOLLOWER heads, stored slots [0, total)."""
+        return self.values[:, :, :total]
 
     @property
     def keys(self):  # transformers' generic helpers read `.keys`; a PoD layer has no dense key tensor
@@ -240,10 +254,8 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         start = logical - state.shift  # slots of value heads and followers' own keys
         total = start + n
         self._reserve(total)
-        if self.value_heads:
-            self.values[:, :, start:total] = value_states[:, self._value_select]
-        if self.anchor_heads:
-            self.anchor_keys[:, :, start:total] = key_states[:, self._anchor_select]
+        self._write(start, total, key_states[:, self._anchor_select] if self.anchor_heads else None,
+                    value_states[:, self._value_select] if self.value_heads else None)
         recent, recent_start = None, total
         window = state.window
         if self.follower_heads:
@@ -265,7 +277,7 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             _ring_write(group.ring_k, group.window, k, logical)
             _ring_write(group.ring_v, group.window, v, logical)
         self.seen = logical + n
-        return view, self.values[:, :, :total]
+        return view, self.stored_values(total)
 
     def compact(self, total: int, kept: int, index: dict[int, torch.Tensor]) -> None:
         """Keep, of the first `total` slots, the `kept` slots index[kv_head] [B, kept] of every value head (their
@@ -273,12 +285,12 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         Streaming heads are untouched. Called once, by `PoDCache.select`."""
         cap = grown_capacity(kept + 1)
         gather = lambda t, idx: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        values = keys = None
         if self.value_heads:
-            idx = torch.stack([index[h] for h in self.value_heads], 1)
-            self.values = _resize(gather(self.values[:, :, :total], idx), cap, kept)
+            values = gather(self.stored_values(total), torch.stack([index[h] for h in self.value_heads], 1))
         if self.anchor_heads:
-            idx = torch.stack([index[h] for h in self.anchor_heads], 1)
-            self.anchor_keys = _resize(gather(self.anchor_keys[:, :, :total], idx), cap, kept)
+            keys = gather(self.stored_keys(total), torch.stack([index[h] for h in self.anchor_heads], 1))
+        self._replace(keys, values, cap)
         if self.follower_heads:
             w = self.state.window
             n = min(w, total)
@@ -287,6 +299,13 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             _ring_write(self.ring_keys, w, recent, kept - n)
         self.capacity = cap
         self.kernel_meta = {}
+
+    def _replace(self, keys: torch.Tensor | None, values: torch.Tensor | None, cap: int) -> None:
+        """Storage holding only the compacted keys and values [B, H, kept, D], with room for `cap` slots."""
+        if values is not None:
+            self.values = resized(values, cap, values.shape[2])
+        if keys is not None:
+            self.anchor_keys = resized(keys, cap, keys.shape[2])
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:
@@ -323,15 +342,16 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         raise NotImplementedError("ilc's PoD cache does not support offloading")
 
     # ---------------------------------------------------------------------------------------------- accounting
-    def nbytes(self) -> int:
-        """Bytes this layer holds (allocated storage, slack included)."""
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        """Bytes this layer holds (allocated storage, slack included); with `float_bytes`, floats counted at that
+        size (`slots.tensor_bytes`)."""
         tensors = [self.values, self.anchor_keys, self.sink_keys, self.ring_keys]
         tensors += [t for group in self.stream_groups for t in group.tensors()]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(tensor_bytes(t, float_bytes) for t in tensors)
 
     def _vector_bytes(self) -> int:
         """Bytes of one head-token vector times the batch."""
-        return self.values.shape[0] * self.values.shape[-1] * self.values.element_size()
+        return self.batch * self.head_dim * self.dtype.itemsize
 
     def used_bytes(self) -> int:
         """Bytes of the head-token vectors this layer must keep for `seen` slots (no slack)."""
@@ -348,6 +368,105 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             return 0
         return 2 * len(self.specs) * self.seen * self._vector_bytes()
 
+
+
+class QuantizedPoDLayer(PoDLayer):
+    """A layer with quantized heads (the plan's ``precision:``): the FULL heads' keys and the value heads' values
+    live in `HeadSlots` (each head at its own bits; packed integers beyond the sinks and the residual window) and
+    `stored_keys` / `stored_values` dequantize them. Followers' own keys and streaming heads hold proximal tokens
+    only and stay in the model's dtype. A decode step reads the packed slots in the Triton kernel
+    (`ilc.kernels.quant_decode`, plans without followers) or dequantized by the PyTorch reference; the static cache
+    refuses quantized plans. While a plan's token selection is due, nothing is quantized: selection
+    compacts the prompt first, then it is quantized once. A prompt chunk attends to its own tokens unquantized,
+    as KIVI's prefill does (`fresh` keeps them until the layer's next update; they are stored quantized), so
+    every query sees exactly its sinks and residual at 16 bits, as calibration priced it."""
+
+    def __init__(self, layer_idx: int, specs: tuple[HeadSpec, ...], state: CacheState, cache: "PoDCache",
+                 precisions: tuple[HeadPrecision, ...]):
+        super().__init__(layer_idx, specs, state, cache)
+        self.precisions = precisions  # precisions[kv_head]
+        self.key_slots: HeadSlots | None = None
+        self.value_slots: HeadSlots | None = None
+        self.fresh: tuple[int, torch.Tensor | None, torch.Tensor | None] | None = None  # (start, keys, values)
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.specs, self.state, self.cache, self.precisions)
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)  # `values` / `anchor_keys` stay empty
+        new = lambda heads: key_states.new_zeros(self.batch, len(heads), 0, self.head_dim)  # noqa: E731
+        prefix = self._exact_prefix()
+        if self.anchor_heads:
+            self.key_slots = HeadSlots([self.precisions[h].key_spec() for h in self.anchor_heads],
+                                       self.state.residual, prefix, new(self.anchor_heads))
+        if self.value_heads:
+            self.value_slots = HeadSlots([self.precisions[h].value_spec() for h in self.value_heads],
+                                         self.state.residual, prefix, new(self.value_heads))
+
+    def _exact_prefix(self) -> int:
+        """Slots every row keeps in the model's dtype at the start: its sinks, after the longest left padding."""
+        return self.state.sinks + self.state.row_start_max
+
+    def _reserve(self, total: int) -> None:  # `HeadSlots` grow on their own; the rings as in `PoDLayer`
+        if total > self.capacity:
+            self.capacity = grown_capacity(total)
+            self._grow_rings(self.capacity)
+
+    def _write(self, start, total, keys, values) -> None:
+        flush = self.state.selection is None or self.state.selected
+        for slots, new in ((self.key_slots, keys), (self.value_slots, values)):
+            if new is not None:
+                slots.append(new, flush)
+        self.fresh = (start, keys, values) if total - start > 1 else None
+
+    def stored_keys(self, total: int) -> torch.Tensor:
+        return self._with_fresh(self.key_slots.read(), 1)[:, :, :total]
+
+    def stored_values(self, total: int) -> torch.Tensor:
+        return self._with_fresh(self.value_slots.read(), 2)[:, :, :total]
+
+    def _with_fresh(self, stored: torch.Tensor, which: int) -> torch.Tensor:
+        """`stored` (a fresh read) with the last prompt chunk's slots at 16 bits (`fresh[which]`)."""
+        if self.fresh is not None and self.fresh[which] is not None:
+            start, new = self.fresh[0], self.fresh[which]
+            stored[:, :, start:start + new.shape[2]] = new
+        return stored
+
+    def release_prompt(self) -> None:
+        """Drop the 16-bit copy of the last prompt chunk (the next update drops it too)."""
+        self.fresh = None
+
+    def _replace(self, keys, values, cap) -> None:
+        self.fresh = None
+        if keys is not None:
+            self.key_slots = self.key_slots.rebuilt(keys, self._exact_prefix())
+        if values is not None:
+            self.value_slots = self.value_slots.rebuilt(values, self._exact_prefix())
+
+    def _map_batch(self, fn) -> None:
+        super()._map_batch(fn)
+        self.fresh = None  # read only by the update that wrote it
+        for slots in (self.key_slots, self.value_slots):
+            if slots is not None:
+                slots.map_batch(fn)
+
+    def _slots(self) -> list[HeadSlots]:
+        return [s for s in (self.key_slots, self.value_slots) if s is not None]
+
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        fresh = sum(tensor_bytes(t, float_bytes) for t in (self.fresh or (None,))[1:])
+        return super().nbytes(float_bytes) + sum(s.nbytes(float_bytes) for s in self._slots()) + fresh
+
+    def used_bytes(self) -> int:
+        """As `PoDLayer.used_bytes`, with the FULL heads' keys and all values counted as `HeadSlots` hold them."""
+        if not self.is_initialized:
+            return 0
+        stored = self.seen - self.state.shift
+        own = sum(stored_vectors(spec, stored, self.state.sinks) - stored for spec in self.specs
+                  if spec.kind == HeadKind.FOLLOWER)  # followers' own keys
+        own += sum(stored_vectors(spec, self.seen, self.state.sinks) for spec in self.specs
+                   if spec.kind == HeadKind.STREAMING)
+        return own * self._vector_bytes() + sum(s.used_bytes() for s in self._slots())
 
 def _store_sinks(dest: torch.Tensor, own: torch.Tensor, start: int, row_start: torch.Tensor | None,
                  row_start_max: int, sinks: int) -> None:
@@ -408,13 +527,6 @@ def _grow_ring(ring: torch.Tensor, size: int) -> torch.Tensor:
     return grown
 
 
-def _resize(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
-    out = t.new_zeros(*t.shape[:2], capacity, t.shape[-1])
-    if used:
-        out[:, :, :used] = t[:, :, :used]
-    return out
-
-
 class PoDCache(Cache):
     """The compressed KV cache for one `Plan`; one instance per generation (what `generate` owns)."""
 
@@ -423,6 +535,9 @@ class PoDCache(Cache):
         if kernels and plan.selection is not None:
             raise PlanError("kernels=True: the Triton kernels do not run token selection (the plan's selection:) "
                             "yet; pass kernels=None or False")
+        if kernels and plan.quantized and plan.kind_counts()["follower"]:
+            raise PlanError("kernels=True: the Triton kernels do not run followers of quantized anchors (the "
+                            "plan's precision: with followers) yet; pass kernels=None or False")
         self.plan = plan
         self.state = CacheState(
             sinks=plan.sinks,
@@ -431,6 +546,8 @@ class PoDCache(Cache):
             skip_threshold=plan.skip_threshold if skip_threshold is None else skip_threshold,
             kernels=kernels,
             selection=plan.selection,
+            residual=plan.precision.residual if plan.precision else 0,
+            quantized_followers=plan.quantized and plan.kind_counts()["follower"] > 0,
         )
         table = plan.head_table()
         super().__init__(layers=[self._new_layer(i, specs) for i, specs in enumerate(table)])
@@ -442,6 +559,9 @@ class PoDCache(Cache):
                     self.last_reader[spec.anchor] = max(self.last_reader.get(spec.anchor, -1), i)
 
     def _new_layer(self, layer_idx: int, specs: tuple[HeadSpec, ...]) -> PoDLayer:
+        precisions = self.plan.layer_precisions(layer_idx)
+        if any(p.quantized for p in precisions):
+            return QuantizedPoDLayer(layer_idx, specs, self.state, self, precisions)
         return PoDLayer(layer_idx, specs, self.state, self)
 
     def set_row_start(self, row_start: torch.Tensor | None) -> None:
@@ -459,7 +579,7 @@ class PoDCache(Cache):
         if state.selection is None or state.selected or not first.is_initialized or first.seen == 0:
             return  # nothing to select from yet: selection stays due
         state.selected = True
-        rs = state.row_starts(first.values.shape[0], first.values.device)
+        rs = state.row_starts(first.batch, first.device)
         shape = selection_shape(first.seen, rs, state.row_start_min, state.sinks, state.selection)
         if shape is not None:
             chosen = {layer.layer_idx: self._choose(layer, shape, rs) for layer in self.layers if layer.anchor_heads}
@@ -469,14 +589,22 @@ class PoDCache(Cache):
             state.shift = shape.total - shape.kept
             state.set_stored_row_start(shape.stored_row_start)
         state.observed.clear()
+        state.replay_scores.clear()
 
     def _choose(self, layer: "PoDLayer", shape: SelectionShape, rs: torch.Tensor) -> torch.Tensor:
         """[B, Ha, K] slots kept by the FULL heads of `layer`, scored with its observed prompt queries."""
+        if self.state.replay_scores:
+            scores = self.state.replay_scores[layer.layer_idx]
+            if scores.shape[-1] != shape.total:
+                raise PlanError(f"the replay scorer scored {scores.shape[-1]} prompt tokens, the cache holds "
+                                f"{shape.total}: give the prompt in one forward (as generate() does)")
+            return choose_tokens(shape, layer.stored_keys(shape.total), None, 1.0, rs, self.state.selection,
+                                 scores[:, layer.anchor_heads])
         q_heads, scaling = self.state.observed.get(layer.layer_idx, (None, 1.0))
         if q_heads is not None:  # [B, Hq, w, D] -> [B, Ha, g, w, D], the query heads of each FULL head
             group = q_heads.shape[1] // len(layer.specs)
             q_heads = q_heads.unflatten(1, (len(layer.specs), group))[:, layer.anchor_heads]
-        return choose_tokens(shape, layer.anchor_keys[:, :, :shape.total], q_heads, scaling, rs, self.state.selection)
+        return choose_tokens(shape, layer.stored_keys(shape.total), q_heads, scaling, rs, self.state.selection)
 
     def _kept_slots(self, layer: "PoDLayer", h: int, chosen: dict[int, torch.Tensor]) -> torch.Tensor:
         """[B, K] slots kept for KV head `h` of `layer`: its own choice (FULL) or its anchor's (FOLLOWER)."""
@@ -502,8 +630,15 @@ class PoDCache(Cache):
         super().batch_select_indices(indices)
         self._map_rows(lambda rs: rs[indices])
 
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        return sum(layer.nbytes(float_bytes) for layer in self.layers)
+
+    def release_prompt(self) -> None:
+        """Quantized layers drop the 16-bit copy of the last prompt chunk now (`QuantizedPoDLayer.fresh`), as the
+        first decode step would: the bytes held from then on."""
+        for layer in self.layers:
+            if isinstance(layer, QuantizedPoDLayer):
+                layer.release_prompt()
 
     def used_bytes(self) -> int:
         return sum(layer.used_bytes() for layer in self.layers)

@@ -89,12 +89,15 @@ class Scorer:
     description: str
     last_queries: int | None  # how many of the last prompt queries vote; None: the selection's window
     smooth: bool  # average-pool the scores over neighbouring tokens (Selection.pool)
+    replay: bool = False  # scores come from re-reading the prompt (`ilc.runtime.replay`), not the last queries
 
 
 SCORERS = {s.name: s for s in (
     Scorer("snapkv", "mean attention of the last `window` prompt queries, average-pooled (SnapKV, as in kvpress)",
            None, True),
     Scorer("tova", "attention of the last prompt query (TOVA's rule, per KV head)", 1, False),
+    Scorer("replay", "most attention received while the model re-reads the prompt (KVzip's rule; two extra "
+           "prefills)", 1, False, replay=True),
 )}
 
 

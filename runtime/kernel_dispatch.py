@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ilc.kernels import decode_splits, ops
+from ilc.kernels import decode_merge, decode_splits, ops, quantized_decode_attention
 from ilc.kernels.table import LaunchColumn, LaunchKind
 
 from .attention_common import dense_attention, follower_groups, query_heads
-from .cache import CacheState, PoDKeys, PoDLayer, grown_capacity
+from .cache import CacheState, PoDKeys, PoDLayer, QuantizedPoDLayer
+from .slots import grown_capacity
 from .heads import HeadKind, Mode
 from .reference import reference_attention
 
@@ -161,6 +162,61 @@ def _decode(out, query, layer: PoDLayer, total: int, values, row_start, scaling,
     ops.decode_merge(out, mid_o, mid_lse, nsplit)
 
 
+def quantized_launches(layer: QuantizedPoDLayer, device) -> list[tuple[int, int, torch.Tensor]]:
+    """(key group, value group, head table) per pair of `HeadSlots` groups that the layer's FULL heads read: rows
+    KV_HEAD, OWN (the head's index in its key `Slots`) and VALUE (in its value `Slots`). Built once per device."""
+    meta = layer.kernel_meta.get(("quantized", device))
+    if meta is not None:
+        return meta
+    where = lambda slots, i: next((g, positions.index(i)) for g, (positions, _) in enumerate(slots.groups)  # noqa: E731
+                                  if i in positions)
+    rows: dict[tuple[int, int], list[dict]] = {}
+    for i, h in enumerate(layer.anchor_heads):
+        (gk, own), (gv, own_v) = where(layer.key_slots, i), where(layer.value_slots, layer.value_pos[h])
+        rows.setdefault((gk, gv), []).append({LaunchColumn.KV_HEAD: h, LaunchColumn.OWN: own,
+                                              LaunchColumn.VALUE: own_v})
+    meta = layer.kernel_meta[("quantized", device)] = [(gk, gv, _table(r, device)) for (gk, gv), r in rows.items()]
+    return meta
+
+
+def _decode_quantized(out, query, layer: QuantizedPoDLayer, total: int, row_start, scaling):
+    """One decode step of a layer with quantized heads (plans without followers): its FULL heads through the
+    quantized kernel (packed slots dequantized in registers), its streaming heads through the decode kernel, one
+    merge."""
+    state = layer.state
+    b, hq, _, d = query.shape
+    group = hq // len(layer.specs)
+    dev = query.device
+    cap, nsplit, split_len = decode_splits(dev, b, len(layer.specs), max(1, total))  # splits cover [0, total)
+    mid_o, mid_lse, logits = _decode_scratch(state, b, hq, d, cap, total, dev)
+    dummy = query
+    common = dict(group=group, row_start=row_start, mid_o=mid_o, mid_lse=mid_lse, total=total, scaling=scaling,
+                  nsplit=nsplit, split_len=split_len)
+    for launch in layer_launches(layer, dev).decode:
+        if launch.stream is not None:
+            g = layer.stream_groups[launch.stream]
+            sink_k, sink_v = (t if t.numel() else dummy for t in (g.sink_k, g.sink_v))
+            ops.decode_attention(query, launch.table, values=dummy, anchor_keys=dummy, sink_keys=sink_k,
+                                 ring_keys=g.ring_k, dist_keys=dummy, sink_values=sink_v, ring_values=g.ring_v,
+                                 window=g.window, logits=logits, rs_min=state.row_start_min, sinks=state.sinks,
+                                 **common)
+    no_ints = state.kernel_scratch.setdefault("no_ints", (torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=dev),
+                                                          torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=dev)))
+    for gk, gv, table in quantized_launches(layer, dev):
+        ks, vs = layer.key_slots.groups[gk][1], layer.value_slots.groups[gv][1]
+        data = lambda s: (s.data, s.scale, s.minimum) if s.spec else (no_ints[0], no_ints[1], no_ints[1])  # noqa
+        (k_data, k_scale, k_min), (v_data, v_scale, v_min) = data(ks), data(vs)
+        specs = [s.spec for s in (ks, vs) if s.spec]
+        quantized_decode_attention(
+            query, table, head_k=ks.head, head_v=vs.head, k_data=k_data, k_scale=k_scale, k_min=k_min,
+            v_data=v_data, v_scale=v_scale, v_min=v_min, tail_k=ks.tail, tail_v=vs.tail,
+            k_prefix=ks.head.shape[2], k_packed=ks.packed, v_prefix=vs.head.shape[2], v_packed=vs.packed,
+            key_bits=ks.spec.bits if ks.spec else 8, value_bits=vs.spec.bits if vs.spec else 8,
+            key_channel=bool(ks.spec) and ks.spec.axis == "channel", quant_group=specs[0].group if specs else 32,
+            **common)
+    decode_merge(out, mid_o, mid_lse, nsplit)
+
+
 def static_decode_triton(query, step, values, scaling):
     """A decode step over a `StaticPoDCache` with the Triton kernels: splits over the preallocated length, the slot
     count read on the device (`step.position + 1`), every buffer preallocated (`prepare_static`)."""
@@ -194,6 +250,11 @@ def pod_attention_triton(query, view: PoDKeys, values, scaling):
     dev = query.device
     row_start = _row_start(state, b, dev)
     out = torch.empty_like(query)
+    if isinstance(layer, QuantizedPoDLayer):  # decode reads packed slots in the kernel; a prompt attends at 16 bits
+        if q > 1:
+            return reference_attention(query, view, values, scaling)
+        _decode_quantized(out, query, layer, view.total, row_start, scaling)
+        return out
     if q == 1:
         _decode(out, query, layer, view.total, values, row_start, scaling)
         return out

@@ -9,6 +9,8 @@ A plan says, per KV head, how its layers are split into blocks of consecutive la
 `head_table()` turns the blocks into one `HeadSpec` per (layer, KV head) (kind full / follower / streaming).
 An optional ``selection:`` section (`Selection`) adds SnapKV-style token selection at the end of prefill; an
 optional ``adapted:`` section (`Adaptation`, written by `ilc adapt`) says that the plan runs on adapted weights.
+An optional ``precision:`` section (`bits.Precision`) stores heads' keys and values as 8/4/2-bit integers beyond
+their sinks and a recent residual window; the savings (`kv_bytes`) count those bytes with their scales.
 
 The file is versioned YAML (``format: ilc-plan/2``; ``ilc-plan/1`` files, which have shared blocks only, load
 unchanged) and is validated on load: every rejection names the file and the field, and unknown keys are rejected
@@ -30,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
+from .bits import DEFAULT_GROUP, DEFAULT_RESIDUAL, FULL_PRECISION, HeadPrecision, Precision, head_bytes
 from .heads import SCORERS, BlockKind, HeadKind, HeadSpec, Mode, Selection, dense_vectors, stored_vectors
 
 FORMAT = "ilc-plan/2"
@@ -125,6 +128,7 @@ class Plan:
     extensions: dict = field(default_factory=dict)  # other tools' data, kept as written (`extensions:`)
     selection: Selection | None = None  # token selection at the end of prefill (`selection:`)
     adapted: Adaptation | None = None  # the weights this plan runs on were adapted to it (`adapted:`)
+    precision: Precision | None = None  # bits per (layer, KV head) (`precision:`); None: all in the model's dtype
 
     def __post_init__(self):
         if self.mode in tuple(Mode):  # "scores" / "keys" become the enum; anything else fails validation
@@ -166,6 +170,17 @@ class Plan:
         return counts
 
     @property
+    def quantized(self) -> bool:
+        """Some heads store keys or values as integers."""
+        return self.precision is not None and self.precision.any_quantized
+
+    def layer_precisions(self, layer: int) -> tuple[HeadPrecision, ...]:
+        """layer_precisions(layer)[kv_head] -> that head's bits (16-bit everywhere without ``precision:``)."""
+        if self.precision is None:
+            return (FULL_PRECISION,) * self.num_kv_heads
+        return tuple(self.precision.of(layer, h) for h in range(self.num_kv_heads))
+
+    @property
     def heads_agree(self) -> bool:
         return all([b.layers for b in blocks] == [b.layers for b in self.blocks[0]] for blocks in self.blocks)
 
@@ -186,15 +201,21 @@ class Plan:
         return dense, planned
 
     def estimated_saving(self, context: int) -> float:
-        """Share of KV-cache bytes saved at `context` tokens (0.0 when the window covers the context)."""
-        dense, planned = self.kv_tokens(context)
+        """Share of a 16-bit dense cache's bytes saved at `context` tokens (0.0 when the window covers the context
+        and nothing is quantized)."""
+        dense, planned = self.kv_bytes(context)
         return 1.0 - planned / dense
 
     def kv_bytes(self, context: int, batch: int = 1, dtype_bytes: int = 2) -> tuple[int, int]:
-        """(dense, planned) KV bytes for `batch` sequences of `context` tokens at `dtype_bytes` per element."""
-        dense, planned = self.kv_tokens(context)
-        scale = batch * self.model.head_dim * dtype_bytes
-        return dense * scale, planned * scale
+        """(dense, planned) KV bytes for `batch` sequences of `context` tokens, floats at `dtype_bytes` per element
+        (quantized heads: integers as stored, scales and minimums at 2 bytes; `bits.head_bytes`)."""
+        d = self.model.head_dim
+        dense = self.kv_tokens(context)[0] * d * dtype_bytes
+        residual = self.precision.residual if self.precision else DEFAULT_RESIDUAL
+        planned = sum(head_bytes(spec, precision, context, self.sinks, d, residual, self.selection, dtype_bytes)
+                      for layer, row in enumerate(self.head_table())
+                      for spec, precision in zip(row, self.layer_precisions(layer)))
+        return batch * dense, batch * planned
 
     # ------------------------------------------------------------------------------------------ conveniences
     def apply(self, model, **options):
@@ -225,6 +246,7 @@ class Plan:
             "sharing": {"mode": self.mode.value, "skip_threshold": self.skip_threshold, "blocks": block_section},
             **({"selection": asdict(self.selection)} if self.selection else {}),
             **({"adapted": _adaptation_to_yaml(self.adapted)} if self.adapted else {}),
+            **({"precision": _precision_to_yaml(self.precision)} if self.precision else {}),
             "criterion": dict(self.criterion),
             "calibration": dict(self.calibration),
             "estimated_savings": {c: round(self.estimated_saving(c), 4) for c in DEFAULT_REPORT_CONTEXTS},
@@ -298,7 +320,8 @@ def parse_yaml(text: str, source: str) -> Any:
         raise PlanError(f"{source}: not a plan (YAML nested too deeply)") from None
 
 
-TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "adapted", "criterion", "calibration",
+TOP_LEVEL_KEYS = ("format", "model", "windows", "sharing", "selection", "adapted", "precision", "criterion",
+                  "calibration",
                   "estimated_savings", "distance_curve", "similarity", "extensions")
 
 
@@ -353,10 +376,12 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         selection = Selection(keep=sel.get("keep", float),
                               **{k: sel.get(k, t) for k, t in types.items() if sel.raw.get(k) is not None})
     adapted = _parse_adaptation(r.section("adapted"), fmt) if "adapted" in r.raw else None
+    precision = _parse_precision(r.section("precision"), fmt, model) if "precision" in r.raw else None
     plan_kwargs = dict(
         model=model,
         selection=selection,
         adapted=adapted,
+        precision=precision,
         sinks=w.get("sinks", int, minimum=0),
         window=w.get("window", int, minimum=1),
         blocks=heads,
@@ -386,6 +411,66 @@ def _parse_adaptation(a: "_Reader", fmt: str) -> Adaptation:
                       tokens=a.get("tokens", int, minimum=0), steps=a.get("steps", int, minimum=0),
                       rank=a.get("rank", int, minimum=1), targets=targets, layers=layers,
                       loss_initial=a.get("loss_initial", float), loss_final=a.get("loss_final", float))
+
+
+def _parse_precision(p: "_Reader", fmt: str, model: ModelSignature) -> Precision:
+    """The ``precision:`` section: residual, group, and K<bits>[c]V<bits> names per KV head (``per_head``, one
+    list of layers per head) or for every head alike (``all_heads``)."""
+    if fmt == "ilc-plan/1":
+        raise PlanError(f"{p.source}: precision: not part of format ilc-plan/1 (write format: {FORMAT})")
+    p.only(("residual", "group", "all_heads", "per_head"))
+    residual = p.get("residual", int, optional=True, minimum=0, maximum=model.max_context)
+    group = p.get("group", int, optional=True, minimum=1, maximum=MAX_HEADS)
+    residual = DEFAULT_RESIDUAL if residual is None else residual
+    group = DEFAULT_GROUP if group is None else group
+    if ("all_heads" in p.raw) == ("per_head" in p.raw):
+        raise PlanError(f"{p.source}: precision: give either all_heads or per_head (one list of names per layer)")
+
+    def row(names, where: str) -> tuple[HeadPrecision, ...]:
+        if not isinstance(names, list) or len(names) > MAX_LAYERS:
+            raise PlanError(f"{p.source}: {where}: expected a list of precisions, one per layer")
+        try:
+            return tuple(HeadPrecision.parse(n, group) for n in names)
+        except ValueError as exc:
+            raise PlanError(f"{p.source}: {where}: {exc}") from None
+
+    if "all_heads" in p.raw:
+        one = row(p.get("all_heads", list), "precision.all_heads")
+        heads = tuple(one for _ in range(model.num_kv_heads))
+    else:
+        per = p.get("per_head", list)
+        if len(per) > MAX_HEADS:
+            raise PlanError(f"{p.source}: precision.per_head: {len(per)} heads given")
+        heads = tuple(row(names, f"precision.per_head[{i}]") for i, names in enumerate(per))
+    return Precision(heads, residual, group)
+
+
+def _precision_to_yaml(p: Precision) -> dict:
+    names = [_Flow(x.name for x in head) for head in p.heads]
+    same = all(head == p.heads[0] for head in p.heads)
+    return {"residual": p.residual, "group": p.group,
+            **({"all_heads": names[0]} if same else {"per_head": names})}
+
+
+def _validate_precision(plan: Plan, where: str) -> None:
+    p, m = plan.precision, plan.model
+    if not isinstance(p, Precision):
+        raise PlanError(f"{where.rstrip('.')}: expected a Precision, got {type(p).__name__}")
+    if len(p.heads) != m.num_kv_heads or any(len(head) != m.num_layers for head in p.heads):
+        raise PlanError(f"{where}per_head: expected {m.num_kv_heads} KV heads of {m.num_layers} layers each, got "
+                        f"{len(p.heads)} heads of {sorted({len(h) for h in p.heads})} layers")
+    for layer, row in enumerate(plan.head_table()):
+        for h, spec in enumerate(row):
+            x = p.of(layer, h)
+            if spec.kind == HeadKind.STREAMING and x.quantized:
+                raise PlanError(f"{where}per_head[{h}][{layer}]: {x.name} on a streaming head; streaming heads hold "
+                                "only their sinks and window and stay 16-bit (K16V16)")
+            if spec.kind == HeadKind.FOLLOWER and x.key_bits < 16:
+                raise PlanError(f"{where}per_head[{h}][{layer}]: {x.name} on a follower; a follower's keys are its "
+                                "anchor's, only its values can be quantized (K16V<bits>)")
+            problem = x.layout_error(m.head_dim)
+            if problem:
+                raise PlanError(f"{where}per_head[{h}][{layer}]: {problem}")
 
 
 def _adaptation_to_yaml(a: Adaptation) -> dict:
@@ -421,6 +506,8 @@ def _validate(plan: Plan, source: str) -> None:
         _validate_selection(plan, f"{source}: selection.")
     if plan.adapted is not None:
         _validate_adaptation(plan, f"{source}: adapted.")
+    if plan.precision is not None:
+        _validate_precision(plan, f"{source}: precision.")
     if len(plan.blocks) != m.num_kv_heads:
         raise PlanError(f"{source}: sharing.blocks: {len(plan.blocks)} KV heads given, model has {m.num_kv_heads}")
     checked = set()  # heads that share one tuple of blocks (the all_heads form) are checked once

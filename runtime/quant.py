@@ -1,4 +1,4 @@
-"""KV-cache quantization: the one stored layout for keys and values at 8, 4 or 2 bits, and its byte count.
+"""KV-cache quantization arithmetic: the one stored layout for keys and values at 8, 4 or 2 bits (`bits.QuantSpec`).
 
 Asymmetric integers, as KIVI stores them: a group of `group` elements shares one scale and one minimum, both
 stored in 16 bits; x ~ q * scale + minimum with q in [0, 2^bits - 1] (a float minimum, not an integer zero point:
@@ -19,42 +19,10 @@ the runtime's import, for ten lines of arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
-BITS = (8, 4, 2)  # stored integer widths; 16 means "not quantized" everywhere else
-PARAM_BYTES = 2  # a scale or a minimum, 16-bit
-
-
-class Axis(str, Enum):
-    TOKEN = "token"
-    CHANNEL = "channel"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one kind of vector (a head's keys or values) is stored: `bits` per element, groups of `group` elements
-    along head_dim (TOKEN) or along tokens (CHANNEL)."""
-
-    bits: int
-    group: int = 32
-    axis: Axis = Axis.TOKEN
-
-    def __post_init__(self):
-        if self.bits not in BITS:
-            raise ValueError(f"bits: expected one of {BITS}, got {self.bits!r}")
-        if self.group < 1:
-            raise ValueError(f"group: expected >= 1, got {self.group!r}")
-        object.__setattr__(self, "axis", Axis(self.axis))
-
-    def stored_bytes(self, tokens: int, head_dim: int) -> int:
-        """Bytes `tokens` vectors of `head_dim` take: packed integers plus scales and zero points."""
-        groups = tokens * -(-head_dim // self.group) if self.axis == Axis.TOKEN else -(-tokens // self.group) * head_dim
-        return tokens * head_dim * self.bits // 8 + 2 * PARAM_BYTES * groups
+from .bits import Axis, QuantSpec
 
 
 @dataclass

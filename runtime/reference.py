@@ -34,7 +34,7 @@ def reference_attention(query: torch.Tensor, view: PoDKeys, values: torch.Tensor
     out = query.new_empty(b, hq, q, d)
     if layer.anchor_heads:
         qi = query_heads(layer.anchor_heads, group)
-        out[:, qi] = dense_attention(query[:, qi], layer.anchor_keys[:, :, :view.total],
+        out[:, qi] = dense_attention(query[:, qi], layer.stored_keys(view.total),
                                  values[:, [layer.value_pos[h] for h in layer.anchor_heads]], view, scaling)
     for anchor, positions in follower_groups(layer).items():
         heads = [layer.follower_heads[p] for p in positions]
@@ -44,7 +44,7 @@ def reference_attention(query: torch.Tensor, view: PoDKeys, values: torch.Tensor
         out[:, qi] = _split_part(
             query[:, qi], distant_query(view, anchor, query, heads),
             sink_keys=layer.sink_keys[:, positions], recent_keys=view.recent_keys[:, positions],
-            anchor_keys=anchor_layer.anchor_keys[:, idx, :view.total],
+            anchor_keys=anchor_layer.stored_keys(view.total)[:, idx],
             values=values[:, [layer.value_pos[h] for h in heads]], view=view, scaling=scaling,
         )
     for index, stream in enumerate(layer.stream_groups):

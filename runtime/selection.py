@@ -75,14 +75,17 @@ def selection_shape(total: int, row_start: torch.Tensor, row_start_min: int, sin
 
 
 def choose_tokens(shape: SelectionShape, keys: torch.Tensor, queries: torch.Tensor | None, scaling: float,
-                  row_start: torch.Tensor, selection: Selection) -> torch.Tensor:
+                  row_start: torch.Tensor, selection: Selection, scores: torch.Tensor | None = None) -> torch.Tensor:
     """[B, H, K] slots to keep, in order, for H KV heads with `keys` [B, H, T, D] scored by their observed prompt
-    `queries` [B, H, g, w, D] (None: no queries were seen, e.g. a byte count without a model; keep the most
-    recent): each selecting row's sinks, its best `budget` distant slots and the last `window` slots; a row that
-    keeps everything keeps its last K slots (the left-padded tail)."""
+    `queries` [B, H, g, w, D], or by given `scores` [B, H, T] (the replay scorer's); neither: no queries were
+    seen, e.g. a byte count without a model; keep the most recent. Each selecting row keeps its sinks, its best
+    `budget` distant slots and the last `window` slots; a row that keeps everything keeps its last K slots (the
+    left-padded tail)."""
     b, h, total = keys.shape[0], keys.shape[1], shape.total
     device = keys.device
-    if queries is None:
+    if scores is not None:
+        scores = scores.float()
+    elif queries is None:
         scores = torch.arange(total, device=device, dtype=torch.float32).expand(b, h, -1)
     else:
         scores = token_scores(queries, keys, row_start, scaling, selection)

@@ -13,7 +13,8 @@ changes from step to step:
   traces it with no graph break (tested on CPU);
 - a prompt (several tokens) runs eagerly through `PoDLayer.update` and the ordinary attention paths (prefill is
   not captured; it reads the length on the host once per layer).
-Token selection (it reallocates) and the compute skip (data-dependent) are refused.
+Token selection (it reallocates), quantized heads (packed storage is read by the reference path only) and the
+compute skip (data-dependent) are refused.
 """
 
 from __future__ import annotations
@@ -145,6 +146,9 @@ class StaticPoDCache(PoDCache):
         if plan.selection is not None:
             raise PlanError("the static PoD cache does not run token selection (the plan's selection: reallocates "
                             "the cache); use plan.new_cache(model) without max_length")
+        if plan.quantized:
+            raise PlanError("the static PoD cache does not store quantized heads yet (the plan's precision:); use "
+                            "plan.new_cache(model) without max_length")
         if plan.skip_threshold is not None:
             raise PlanError("the static PoD cache does not run the compute skip (skip_threshold): it decides per "
                             "row on the host; set skip_threshold=None")

@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from ilc.calibrate import CalibrationSettings, calibrate, regroup
 from ilc.options import OptionError
 from ilc.data import CalibrationDataError, default_corpus, load_calibration_set
+from ilc.eval.run import held_bytes
 from ilc.runtime import load_plan
 
 from conftest import CharTokenizer, tiny_llama
@@ -179,3 +181,28 @@ def test_keep_adds_selection_priced_into_the_target(tmp_path):
         CalibrationSettings(target_saving=0.3, keep=0.1, kinds=("follower",)).validate()
     with pytest.raises(OptionError, match="keep"):
         CalibrationSettings(keep=1.5).validate()
+
+
+def test_precision_is_priced_and_chosen_beside_kinds(tmp_path):
+    """--precision: every head's bits are priced from recorded keys and values and the DP picks kinds and bits
+    together; the plan's bytes reach the target (scales counted) and a real cache holds what the plan says."""
+    model = tiny_llama(layers=6, heads=4, kv_heads=2, head_dim=32, max_pos=2048)
+    settings = dict(seq_len=512, samples=2, query_rows=8, max_group_size=4, residual=32)
+    names = ("K8V8", "K4cV4", "K2V2")
+    result = calibrate(CalibrationSettings(target_saving=0.8, precision=names, **settings), model, CharTokenizer(),
+                       "tiny", progress=False)
+    plan, err = result.plan, result.precision_error
+    assert set(err) == set(names) and err["K8V8"].mean() < err["K4cV4"].mean() < err["K2V2"].mean()
+    assert plan.quantized and plan.estimated_saving(512) >= 0.8 - 1e-9
+    assert plan.criterion["precisions"] == ["K16V16", *names] and plan.precision.residual == 32
+    assert load_plan(plan.save(tmp_path / "q.yaml")) == plan
+    none = regroup(result, CalibrationSettings(target_saving=0.8, **settings), 512)
+    assert none.precision is None and not none.quantized
+    with pytest.raises(ValueError, match="priced no K4V4"):
+        regroup(result, CalibrationSettings(target_saving=0.8, precision=("K4V4",), **settings), 512)
+    held, dense = held_bytes(plan, 512, dtype=torch.float16)
+    assert held <= plan.kv_bytes(512)[1] * 1.1 and 1 - held / dense >= 0.75
+    with pytest.raises(OptionError, match="--precision"):
+        CalibrationSettings(precision=("K3V3",)).validate()
+    with pytest.raises(OptionError, match="--precision"):
+        CalibrationSettings(precision=("K8V8",), kinds=("follower",)).validate()

@@ -19,6 +19,21 @@ def test_inspect_prints_blocks_windows_and_savings(capsys):
     assert "<- --context" in out and "exceeds the model's limit of 8192" in out
 
 
+def test_inspect_shows_bits_per_head_and_bytes_with_scales(tmp_path, capsys):
+    from ilc.runtime import load_plan
+    from ilc.runtime.bits import HeadPrecision, uniform_precision
+
+    plan = load_plan(PLAN)
+    quantized = plan.with_options(precision=uniform_precision(plan.head_table(), HeadPrecision.parse("K4cV2")))
+    assert main(["inspect", str(quantized.save(tmp_path / "q.yaml")), "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    full = plan.kind_counts()["full"]
+    assert "bits per layer and KV head" in out and f"{full} K4cV2" in out and "42" in out
+    assert "integers with their scales" in out
+    saved = f"{quantized.estimated_saving(4096):.1%} <- --context"
+    assert saved in out and quantized.estimated_saving(4096) > plan.estimated_saving(4096) + 0.3
+
+
 def test_inspect_plot_writes_png(tmp_path):
     png = tmp_path / "plan.png"
     assert main(["inspect", str(PLAN), "--plot", str(png)]) == 0

@@ -36,8 +36,11 @@ def test_every_method_runs_measures_bytes_and_resumes(tokenizer, tmp_path):
     # StreamingLLM at equal memory holds the plan's layout bytes (its window was sized for that; the PoD cache
     # holds a little more: growth slack, at least 32 tokens per layer)
     equal = by[("streaming-equal", "niah")]
-    layout = plan.kv_bytes(equal["tokens"], dtype_bytes=4)[1]
+    layout = plan.kv_bytes(equal["tokens"])[1]  # records count floats at 2 bytes (the 16-bit cache served)
     assert abs(equal["kv_bytes"] - layout) / layout < 0.02 and layout <= pod["kv_bytes"]
+    # quantization alone holds integers: fewer bytes with fewer bits, every head still full
+    ints = [by[(f"int{bits}", "niah")]["kv_bytes"] for bits in (8, 4, 2)]
+    assert full["kv_bytes"] > ints[0] > ints[1] > ints[2]
     # uniform blocks of 2 here equal the plan's blocks: same bytes
     assert by[("uniform-2", "niah")]["kv_bytes"] == pod["kv_bytes"]
     lines = (tmp_path / "results.jsonl").read_text().splitlines()

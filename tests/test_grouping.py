@@ -160,3 +160,33 @@ def test_mixed_kinds_restrict_and_max_error_caps_each_option():
     assert abs(err - 0.03) < 1e-12
     with pytest.raises(ValueError, match="save at most"):
         grouping.assign_mixed([random_options(4, rng)], 3, target_saving=5.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_block_precision_dp_matches_brute_force(seed):
+    """Each shared block also picks a precision: its layers' precision errors and the anchor's and followers'
+    savings add to the block's; the DP finds the brute-force optimum over segmentations x kinds x precisions."""
+    rng = np.random.default_rng(seed)
+    base = random_options(4, rng)
+    opt = grouping.HeadOptions(base.follower_error, base.follower_saving, base.streaming_error,
+                               base.streaming_saving, base.windows, base.allowed, ("K16V16", "K8V8", "K2V2"),
+                               np.vstack([np.zeros(4), rng.uniform(0, 0.1, 4), rng.uniform(0, 0.6, 4)]),
+                               np.array([0.0, 0.2, 0.35]), np.array([0.0, 0.1, 0.18]))
+
+    def brute(lam):
+        best = math.inf
+        for assignment in mixed_assignments(4, opt.windows, 3):
+            shared = [layers for layers, k in assignment if k is None]
+            for picks in itertools.product(range(3), repeat=len(shared)):
+                err, sav = priced(opt, assignment)
+                for layers, p in zip(shared, picks):
+                    err += opt.precision_error[p, list(layers)].sum()
+                    sav += opt.anchor_saving[p] + (len(layers) - 1) * opt.follower_precision_saving[p]
+                best = min(best, err - lam * sav)
+        return best
+
+    for lam in (0.0, 0.3, 1.0, 5.0):
+        segments, err, sav = grouping.assign_head(opt, lam, 3, None)
+        assert abs((err - lam * sav) - brute(lam)) < 1e-9, (seed, lam)
+    assert {s.precision for s in grouping.assign_head(opt, 5.0, 3, None)[0] if s.streaming_window is None} \
+        - {"K16V16"}  # a high price on bytes picks some integers

@@ -13,16 +13,19 @@ PACKAGES = {"ilc.runtime": ROOT / "runtime", "ilc.runtime.vllm": ROOT / "runtime
 LAYERS = (
     ("ilc.kernels.table",),  # the kernels import nothing from the runtime
     ("ilc.kernels.decode",),
+    ("ilc.kernels.quant_decode",),
     ("ilc.kernels.prefill",),
     ("ilc.kernels",),
     ("ilc.kernels.ops",),
-    ("ilc.runtime.heads", "ilc.runtime.quant"),  # vocabulary: modes, head kinds, selection, the savings formula; KV integers
-    ("ilc.runtime.plan",),
-    ("ilc.runtime.architectures", "ilc.runtime.adapter", "ilc.runtime.selection", "ilc.runtime.sequence"),
+    ("ilc.runtime.heads",),  # vocabulary: modes, head kinds, selection, the savings formula
+    ("ilc.runtime.bits",),  # precision per head and its byte rule
+    ("ilc.runtime.plan", "ilc.runtime.quant"),  # the format; KV integers
+    ("ilc.runtime.architectures", "ilc.runtime.adapter", "ilc.runtime.selection", "ilc.runtime.sequence",
+     "ilc.runtime.slots"),
     ("ilc.runtime.cache",),
     ("ilc.runtime.static_cache", "ilc.runtime.report"),
     ("ilc.runtime.attention_common",),
-    ("ilc.runtime.reference",),
+    ("ilc.runtime.reference", "ilc.runtime.replay"),
     ("ilc.runtime.kernel_dispatch",),
     ("ilc.runtime.attention",),
     ("ilc.runtime.apply",),
@@ -37,7 +40,7 @@ LAYERS = (
 )
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
 # Imports allowed inside functions: optional heavy dependencies, loaded where they are used.
-LAZY_OK = {"peft", "ilc.kernels.decode", "ilc.kernels.prefill"}  # the kernels' modules import Triton
+LAZY_OK = {"peft", "ilc.kernels.decode", "ilc.kernels.quant_decode", "ilc.kernels.prefill"}  # the kernels' modules import Triton
 
 
 def modules():

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ilc.runtime.quant import Axis, QuantSpec, dequantize, pack, quantize, unpack
+from ilc.runtime.bits import Axis, QuantSpec
+from ilc.runtime.quant import dequantize, pack, quantize, unpack
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

@@ -169,5 +169,32 @@ def test_held_bytes_count_what_selection_leaves():
     plan = mixed_plan(model, sinks=3, window=5)
     selected = plan.with_options(selection=Selection(keep=0.1, window=8))
     held, dense = held_bytes(selected, 4000)
-    _, planned = selected.kv_bytes(4000, dtype_bytes=4)
+    _, planned = selected.kv_bytes(4000)  # held_bytes counts floats at 2 bytes (a 16-bit cache)
     assert planned <= held < held_bytes(plan, 4000)[0] and held < 1.1 * planned  # slack: 32+ slots per tensor
+
+
+def test_replay_scores_are_the_attention_of_the_copy_and_drive_selection(monkeypatch):
+    """The replay scorer (KVzip's rule): per layer and KV head, the most attention any query of the prompt's copy
+    pays to each prompt token, as an eager dense forward over prompt + copy computes it; selection keeps by it."""
+    from ilc.runtime.replay import replay_scores
+
+    model = tiny_llama(layers=3, heads=4, kv_heads=2, init_range=0.2)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    plan = make_plan(model, [[0], [1], [2]], sinks=2, window=4).with_options(
+        selection=Selection(keep=0.3, scorer="replay", window=4))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = model(torch.cat([ids, ids], 1), output_attentions=True).attentions  # [B, Hq, 80, 80] per layer
+    plan.apply(model)
+    got = replay_scores(model, ids, torch.zeros(1, dtype=torch.long))
+    for layer, a in enumerate(attn):
+        want = a[:, :, 40:, :40].amax(2).unflatten(1, (2, 2)).amax(2)  # [B, Hkv, T]
+        assert torch.allclose(got[layer], want, atol=1e-5)
+    import ilc.runtime.apply as apply_module
+
+    runs = []
+    monkeypatch.setattr(apply_module, "replay_scores", lambda *a: runs.append(1) or replay_scores(*a))
+    cache = plan.new_cache(model)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 43) and cache.state.selected and cache.state.shift > 0 and runs == [1]
+    remove_plan(model)

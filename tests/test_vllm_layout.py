@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_plan, served_plan, tiny_llama
 from ilc.runtime.heads import HeadKind, Selection
+from ilc.runtime.bits import HeadPrecision, uniform_precision
 from ilc.runtime.vllm.layout import UnservablePlanError, describe, permute_checkpoint_tensor, serving_layout
 
 
@@ -69,6 +70,11 @@ def test_followers_and_selection_are_refused_naming_the_kind():
     selecting = served_plan(model, {(0, 0): 8}, selection=Selection(keep=0.5))
     with pytest.raises(UnservablePlanError, match="token selection"):
         serving_layout(selecting)
+    quantized = served_plan(tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16), {(0, 0): 8})
+    quantized = quantized.with_options(precision=uniform_precision(quantized.head_table(),
+                                                                   HeadPrecision.parse("K8V8", group=16)))
+    with pytest.raises(UnservablePlanError, match="quantized heads"):
+        serving_layout(quantized)
 
 
 def test_startup_line_names_kinds_and_bytes_per_token():

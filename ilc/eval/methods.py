@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 from ilc.runtime import Plan, remove_plan
 
-from .baselines import equal_memory_selection, equal_memory_window, selection_plan, streaming_plan, uniform_plan
+from ilc.runtime.bits import HeadPrecision
+
+from .baselines import (equal_memory_selection, equal_memory_window, quantized_plan, selection_plan, streaming_plan,
+                        uniform_plan)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,14 @@ class Uniform(Method):
         return uniform_plan(plan, self.size)
 
 
+@dataclass(frozen=True)
+class QuantizedAlone(Method):
+    precision: str = "K4cV4"  # `HeadPrecision` name of every head
+
+    def plan_for(self, plan: Plan, context: int) -> Plan:
+        return quantized_plan(plan, HeadPrecision.parse(self.precision))
+
+
 METHODS = {m.name: m for m in (
     Dense("full", "the uncompressed model (dense cache)"),
     PlanUnderTest("plan", "the plan in its own mode (scores: training-free; adapted plans on their adapted weights)"),
@@ -87,6 +98,8 @@ METHODS = {m.name: m for m in (
     SelectionAlone("selection-equal", "token selection alone (every head full, the plan's scorer, SnapKV's by "
                    "default) at the plan's bytes"),
     *(Uniform(f"uniform-{k}", f"uniform blocks of {k} layers, the plan's windows", size=k) for k in (2, 3, 4)),
+    *(QuantizedAlone(f"int{bits}", f"quantization alone (KIVI-style): every head full, {name}, the plan's sinks and "
+                     "residual at 16 bits", precision=name) for bits, name in ((8, "K8V8"), (4, "K4cV4"), (2, "K2cV2"))),
 )}
 
 

@@ -15,6 +15,7 @@ from ilc import options
 from ilc.options import OptionError
 from ilc.runtime import PoDCache, Plan
 from ilc.runtime.heads import dense_vectors
+from ilc.runtime.slots import tensor_bytes
 
 from .methods import METHODS, applied
 from .records import RecordStore, record_key, record_settings, run_settings
@@ -23,26 +24,30 @@ from .tasks import TaskSample, score
 PPL_BUCKETS = (0, 256, 1024, 2048, 4096, 8192, 16384)
 
 
+FLOAT_BYTES = 2  # caches are priced as served: floats at 16 bits, also when a CPU run keeps fp32
+
+
 def kv_bytes(cache) -> int:
-    """Bytes a cache holds: a `PoDCache`'s own count, or a dense cache's keys and values."""
+    """Bytes a cache holds, floats at 2 bytes: a `PoDCache`'s own count, or a dense cache's keys and values."""
     if isinstance(cache, PoDCache):
-        return cache.nbytes()
-    return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
-               for l in cache.layers)
+        return cache.nbytes(FLOAT_BYTES)
+    return sum(tensor_bytes(l.keys, FLOAT_BYTES) + tensor_bytes(l.values, FLOAT_BYTES) for l in cache.layers)
 
 
 @torch.no_grad()
 def held_bytes(plan: Plan, context: int, dtype=torch.float32, batch: int = 1) -> tuple[int, int]:
     """(held, dense) bytes of a real `PoDCache` for `plan` after one prefill of `context` tokens: zeros go
     through every layer's update, so the allocation is exactly what a model run would leave (no model needed);
-    a plan's token selection runs as at the first decode step (which tokens it keeps does not change the bytes)."""
+    a plan's token selection runs as at the first decode step (which tokens it keeps does not change the bytes), and
+    quantized layers drop their 16-bit copy of the prompt, as that step does."""
     m = plan.model
     cache = PoDCache(plan)
     k = torch.zeros(batch, m.num_kv_heads, context, m.head_dim, dtype=dtype)
     for layer in range(m.num_layers):
         cache.update(k, k, layer)
     cache.select()
-    return cache.nbytes(), cache.dense_bytes()
+    cache.release_prompt()
+    return cache.nbytes(FLOAT_BYTES), cache.dense_bytes() * FLOAT_BYTES // k.element_size()
 
 
 @torch.no_grad()
@@ -65,7 +70,7 @@ def generate_greedy(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: i
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     tokens = cache.get_seq_length()
-    dense = dense_vectors(cfg.num_hidden_layers, cfg.num_key_value_heads, tokens) * head_dim * model.dtype.itemsize
+    dense = dense_vectors(cfg.num_hidden_layers, cfg.num_key_value_heads, tokens) * head_dim * FLOAT_BYTES
     return dict(text=tokenizer.decode(generated, skip_special_tokens=True), kv_bytes=kv_bytes(cache),
                 dense_bytes=dense, tokens=tokens, prefill_s=prefill, decode_ms=decode * 1e3)
 

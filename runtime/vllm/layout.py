@@ -83,6 +83,9 @@ def check_servable(plan: Plan, where: str = "plan") -> None:
     if plan.adapted is not None:
         raise UnservablePlanError(f"{where}: adapted plans (an `ilc adapt` adapter) are not served by the vLLM "
                                   "plugin yet")
+    if plan.quantized:
+        raise UnservablePlanError(f"{where}: quantized heads (precision:) are not served by the vLLM plugin yet "
+                                  "(vLLM's cache holds one dtype per layer); calibrate without --precision")
 
 
 def serving_layout(plan: Plan, tensor_parallel: int = 1, where: str = "plan") -> ServingLayout:
