@@ -1,10 +1,12 @@
 """Bits per head on SmolLM2: the 75% and 90% plans, their bytes on a real 4k cache, NIAH / RULER on the sweep's 20
 prompts beside the full model, StreamingLLM at equal bytes and quantization alone (int8 / int4 / int2, KIVI-style),
-and perplexity by position on one held-apart 4k text.
+and perplexity by position on one held-apart 4k text (its first 1024 tokens a prompt, then read 64 tokens at a
+time, so that positions after 1024 read the cache as stored: dropped, selected and packed tokens).
 
 Calibrates once (`ilc calibrate smollm2-135m --seq-len 4096 --precision K8V8,K4cV4,K4cV2,K2cV2`) and chooses each
 plan from the same records with `regroup`: what that command writes with --target-saving 0.755 (the 75% plan),
-0.905 (the 90% plan), 0.905 --keep 0.5 [--scorer replay], or 0.5. Every step resumes from its results.jsonl.
+0.905 (the 90% plan), 0.91 --keep 0.25 [--scorer replay] (90% with token selection), 0.91 --keep 0.2 --precision
+K8V8,K4cV4 (90% with selection and no 2-bit values), or 0.5. Every step resumes from its results.jsonl.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/bits_plans.py --out docs/bits --haystack ../shared/data/pg_essays
 (one thread: the kvpress peers run beside it on the other core)
@@ -33,19 +35,24 @@ SEQ_LEN = 4096
 PRECISIONS = ("K8V8", "K4cV4", "K4cV2", "K2cV2")
 # name -> (target saving, token selection keep or None); 75 and 90 are committed under plans/. The targets are a
 # little above 75% / 90%: a real cache holds its growth slack too (0.4% at 4k), and the plans must hold >= 75% / 90%
-PLANS = {"75": (0.755, None, "snapkv"), "90": (0.905, None, "snapkv"), "90-keep": (0.905, 0.5, "snapkv"),
-         "90-replay": (0.905, 0.5, "replay"), "50": (0.5, None, "snapkv")}
+PLANS = {"75": (0.755, None, "snapkv"), "90": (0.905, None, "snapkv"), "90-keep": (0.91, 0.25, "snapkv"),
+         "90-keep-4bit": (0.91, 0.2, "snapkv", ("K8V8", "K4cV4")),  # no 2-bit values: exact digits survive
+         "90-replay": (0.91, 0.25, "replay"), "50": (0.5, None, "snapkv")}
 # (plan, method, what) in the order they run: "all" = NIAH / RULER on the 20 prompts and perplexity, "ppl" =
 # perplexity only (one 4k prefill). The plans first, then the baselines beside them (2 CPU cores: hours).
-JOBS = (("75", "plan", "all"), ("90", "plan", "all"), ("90-keep", "plan", "all"),
-        *((plan, method, "ppl") for plan, methods in (("50", ("plan", "streaming-equal", "int4")),
-                                                      ("75", ("streaming-equal", "int4")),
-                                                      ("90", ("streaming-equal", "int2"))) for method in methods))
+JOBS = (("75", "plan", "all"), ("90", "plan", "all"), ("90-keep", "plan", "all"), ("90-keep-4bit", "plan", "all"),
+        ("50", "plan", "ppl"), ("75", "int4", "ppl"), ("75", "streaming-equal", "ppl"),
+        ("90-keep", "streaming-equal", "ppl"), ("90-keep", "int2", "ppl"))
+PPL_PROMPT = 1024  # perplexity: the text's first 1024 tokens are the prompt, the rest is read 64 tokens at a time
 QUANTIZED_ALONE = {"int8": "K8V8", "int4": "K4cV4", "int2": "K2cV2"}
+LABELS = {"75": "ilc 75%", "90": "ilc 90%, no selection", "90-keep": "ilc 90% + selection 25%",
+          "90-keep-4bit": "ilc 90% + selection 20%, no 2-bit values", "90-replay": "ilc 90% + replay selection 25%",
+          "50": "ilc 50%"}
 
 
-def settings(target: float, keep: float | None = None, scorer: str = "snapkv") -> CalibrationSettings:
-    return CalibrationSettings(seq_len=SEQ_LEN, target_saving=target, precision=PRECISIONS, keep=keep, scorer=scorer)
+def settings(target: float, keep: float | None = None, scorer: str = "snapkv",
+             precision: tuple[str, ...] = PRECISIONS) -> CalibrationSettings:
+    return CalibrationSettings(seq_len=SEQ_LEN, target_saving=target, precision=precision, keep=keep, scorer=scorer)
 
 
 def evaluate(model, tok, plan, method, samples, out_dir: Path, ppl_ids, what: str = "all") -> dict:
@@ -55,7 +62,7 @@ def evaluate(model, tok, plan, method, samples, out_dir: Path, ppl_ids, what: st
         s = summarize(run(model, tok, plan, [method], samples, out_dir, progress=False), [method])[method]
     ppl_path = out_dir / f"perplexity-{method}.json"
     if not ppl_path.exists():
-        run_perplexity(model, plan, [method], ppl_ids, out_dir)
+        run_perplexity(model, plan, [method], ppl_ids, out_dir, prompt=PPL_PROMPT)
         (out_dir / "perplexity.json").rename(ppl_path)
     s["ppl"] = json.loads(ppl_path.read_text())[method]
     return s
@@ -125,7 +132,8 @@ def main(out: str, haystack: str | None, jobs):
             plans[name] = regroup(result, settings(*PLANS[name]), SEQ_LEN)
             plans[name].save(out_dir / f"plan-{name}.yaml")
         s = evaluate(model, tok, plans[name], method, samples, out_dir / f"plan-{name}", ppl_ids, what)
-        label = f"ilc bits {name}%" if method == "plan" else f"{method} (at the {name}% plan's bytes)"
+        label = {"plan": LABELS[name], "streaming-equal": f"StreamingLLM at the bytes of '{LABELS[name]}'"}.get(
+            method, f"{method} alone ({QUANTIZED_ALONE.get(method)} every head, ilc runtime)")
         rows.append(row(label, applied_plan(plans[name], method), s))
         print(rows[-1], flush=True)
         write_table(rows, out_dir)

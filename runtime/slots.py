@@ -96,7 +96,7 @@ class Slots:
         self.minimum[:, :, rows(self.packed):rows(target)] = q.minimum
         self.packed = target
         rest = self.tail[:, :, new:self.tail_len]
-        keep = grown_capacity(self.residual + self.spec.group)  # a prefill's tail shrinks back to this
+        keep = self.residual + self.spec.group  # the most a tail holds when one token arrives (then it flushes)
         self.tail = resized(rest, max(keep, rest.shape[2]) if self.tail.shape[2] > 2 * keep else self.tail.shape[2],
                             rest.shape[2])
         self.tail_len = rest.shape[2]

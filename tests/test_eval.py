@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from ilc.eval.baselines import equal_memory_window, uniform_plan
@@ -142,3 +143,26 @@ def test_prompts_file_and_peer_records_join_the_summary(tokenizer, tmp_path):
     records, methods = merge_peers([], ["full"], peers)
     summary = summarize(records, methods)
     assert summary["kvpress-snapkv-50"]["niah"] == 100.0 and summary["kvpress-snapkv-50"]["kv_saved"] == 0.5
+
+
+def test_chunked_perplexity_reads_the_stored_cache():
+    """With a prompt, later positions read the cache as stored: a quantized plan's one-prefill perplexity equals
+    the 16-bit plan's (a prompt attends to itself at 16 bits), its chunked perplexity does not; the dense model's
+    chunked perplexity equals its one-prefill perplexity."""
+    from ilc.eval.run import perplexity_by_position
+    from ilc.runtime import remove_plan
+    from ilc.runtime.bits import HeadPrecision, uniform_precision
+
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, init_range=0.05)
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(0))
+    whole = perplexity_by_position(model, ids)
+    assert max(abs(a - b) for a, b in zip(whole, perplexity_by_position(model, ids, prompt=40, chunk=16))) < 1e-4
+    plan = make_plan(model, [[0], [1]], sinks=2, window=8)
+    quantized = plan.with_options(precision=uniform_precision(plan.head_table(), HeadPrecision.parse("K2V2", 16), 8))
+    runs = {}
+    for name, p in (("16-bit", plan), ("2-bit", quantized)):
+        p.apply(model)
+        runs[name] = (perplexity_by_position(model, ids), perplexity_by_position(model, ids, prompt=40, chunk=16))
+        remove_plan(model)
+    assert max(abs(a - b) for a, b in zip(runs["16-bit"][0], runs["2-bit"][0])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(runs["16-bit"][1], runs["2-bit"][1])) > 1e-3

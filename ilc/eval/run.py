@@ -113,21 +113,35 @@ def run(model, tokenizer, plan: Plan, methods: list[str], samples: list[TaskSamp
 
 
 @torch.no_grad()
-def perplexity_by_position(model, input_ids: torch.Tensor) -> list[float]:
-    """Next-token NLL at every position of one prefill (all logits); list of length T - 1."""
+def perplexity_by_position(model, input_ids: torch.Tensor, prompt: int | None = None, chunk: int = 64) -> list[float]:
+    """Next-token NLL at every position; list of length T - 1. Without `prompt`: one prefill (all logits). With it:
+    the first `prompt` tokens as a prompt, the cache's token selection run on them (as the first decode step would),
+    then the rest fed `chunk` tokens at a time, so that later positions read the cache as it is stored (dropped,
+    selected and quantized tokens) rather than the 16-bit prompt a single prefill attends to."""
     ids = input_ids.to(model.device)
-    logits = model(ids, use_cache=True).logits[0, :-1].float()
+    if prompt is None:
+        logits = model(ids, use_cache=True).logits[0, :-1].float()
+        return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
+    out = model(ids[:, :prompt], use_cache=True)
+    cache, parts = out.past_key_values, [out.logits[0]]
+    if isinstance(cache, PoDCache):
+        cache.select()
+    for lo in range(prompt, ids.shape[1], chunk):
+        out = model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True)
+        parts.append(out.logits[0])
+    logits = torch.cat(parts)[:-1].float()
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
 
 
 def run_perplexity(model, plan: Plan, methods: list[str], input_ids: torch.Tensor, out_dir: str | Path,
-                   adapted_model=None) -> dict:
+                   adapted_model=None, prompt: int | None = None) -> dict:
     """Perplexity per position bucket for each method on one long text (does loss rise where distant tokens
-    matter?). Writes out_dir/perplexity.json and returns {method: {bucket: ppl}}."""
+    matter?); `prompt`: see `perplexity_by_position`. Writes out_dir/perplexity.json and returns
+    {method: {bucket: ppl}}."""
     out = {}
     for method in methods:
         with applied(method, model, plan, input_ids.shape[1], adapted_model) as chosen:
-            nll = perplexity_by_position(chosen, input_ids)
+            nll = perplexity_by_position(chosen, input_ids, prompt)
         buckets = {}
         for lo, hi in zip(PPL_BUCKETS, PPL_BUCKETS[1:]):
             part = nll[lo:hi]
