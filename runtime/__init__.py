@@ -6,9 +6,10 @@
     out = model.generate(ids, max_new_tokens=256)
 
 Imports torch, transformers and PyYAML only (no networkx: that belongs to the compiler). The modules form layers
-whose imports point one way (docs/design.md has the picture): heads, plan (the format) -> cache, static_cache,
-selection, report (the layout) -> attention_common, reference, sequence (attention paths) -> kernel_dispatch ->
-attention (the dispatcher) -> apply (policy, and the functions behind `Plan.apply` / `Plan.new_cache`).
+whose imports point one way (docs/design.md has the picture): heads, bits, plan (the format; quant: the KV integer
+arithmetic) -> selection, slots, cache, static_cache, report (the layout) -> attention_common, reference, replay,
+sequence (attention paths) -> kernel_dispatch -> attention (the dispatcher) -> apply (policy, and the functions
+behind `Plan.apply` / `Plan.new_cache`).
 """
 
 from .apply import QualityWarning, apply_plan, check_plan_matches, new_cache, remove_plan

@@ -8,7 +8,7 @@ Kinds:
 `Selection` is a plan's token selection (SnapKV-style, once at the end of prefill): FULL heads keep, of their
 distant tokens, only the best-scored share; followers keep values for their anchor's choice.
 `stored_vectors` is the savings formula: how many head-token vectors (K or V) a head keeps for one sequence, and
-`dense_vectors` the dense cache's. (The kernels' launch table has kinds of its own, `ilc.kernels.table.LaunchKind`;
+`dense_vectors` the dense cache's (`ilc.runtime.bits.head_bytes` prices those vectors at a head's precision). (The kernels' launch table has kinds of its own, `ilc.kernels.table.LaunchKind`;
 `ilc.runtime.kernel_dispatch` derives them from `HeadKind` and `Mode`.) Torch-free, so that the plan module stays importable without torch.
 """
 
