@@ -235,6 +235,10 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         """[B, Hv, total, D] values of the FULL and FOLLOWER heads, stored slots [0, total)."""
         return self.values[:, :, :total]
 
+    def _values_for_attention(self, total: int) -> torch.Tensor | None:
+        """What `update` hands the attention function as values: a view of the stored values."""
+        return self.stored_values(total)
+
     @property
     def keys(self):  # transformers' generic helpers read `.keys`; a PoD layer has no dense key tensor
         return self.anchor_keys
@@ -277,7 +281,7 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             _ring_write(group.ring_k, group.window, k, logical)
             _ring_write(group.ring_v, group.window, v, logical)
         self.seen = logical + n
-        return view, self.stored_values(total)
+        return view, self._values_for_attention(total)
 
     def compact(self, total: int, kept: int, index: dict[int, torch.Tensor]) -> None:
         """Keep, of the first `total` slots, the `kept` slots index[kv_head] [B, kept] of every value head (their
@@ -431,6 +435,11 @@ class QuantizedPoDLayer(PoDLayer):
             start, new = self.fresh[0], self.fresh[which]
             stored[:, :, start:start + new.shape[2]] = new
         return stored
+
+    def _values_for_attention(self, total: int) -> None:
+        """None: dequantizing every value is left to the path that reads them (`stored_values`); the quantized
+        decode kernel reads the packed slots instead."""
+        return None
 
     def release_prompt(self) -> None:
         """Drop the 16-bit copy of the last prompt chunk (the next update drops it too)."""

@@ -26,9 +26,11 @@ from .heads import Mode
 from .static_cache import StaticStep
 
 
-def reference_attention(query: torch.Tensor, view: PoDKeys, values: torch.Tensor, scaling: float) -> torch.Tensor:
+def reference_attention(query: torch.Tensor, view: PoDKeys, values: torch.Tensor | None,
+                        scaling: float) -> torch.Tensor:
     """PoD attention in PyTorch. query [B, Hq, q, D] at slots [view.start, view.total); returns [B, Hq, q, D]."""
     layer = view.layer
+    values = layer.stored_values(view.total) if values is None else values  # a quantized layer hands none
     b, hq, q, d = query.shape
     group = hq // len(layer.specs)
     out = query.new_empty(b, hq, q, d)

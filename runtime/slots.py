@@ -141,10 +141,6 @@ class HeadSlots:
             positions = [i for i, s in enumerate(specs) if s == spec]
             self.groups.append((positions, Slots(spec, residual, prefix, like[:, :len(positions)])))
 
-    @property
-    def total(self) -> int:
-        return self.groups[0][1].total
-
     def append(self, x: torch.Tensor, flush: bool = True) -> None:
         for positions, slots in self.groups:
             slots.append(x if len(self.groups) == 1 else x[:, positions], flush)
