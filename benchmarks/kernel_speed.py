@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import emit_table, llama8b_plan
+from ilc.runtime.bits import head_bytes
 from ilc.runtime.heads import HeadKind
 
 
@@ -101,14 +102,20 @@ def pod_step(cache, views, scaling):
 
 
 def decode_bytes(plan, ctx, itemsize=2, reuse=True):
-    """Bytes one decode step must read over all layers: dense vs PoD (reuse: scores-mode logits, else keys)."""
-    d, g, hkv = 128, 4, 8
+    """Bytes one decode step must read over all layers: dense vs PoD (reuse: scores-mode logits, else keys).
+    A quantized FULL head reads its packed integers, scales and 16-bit sinks and residual (`bits.head_bytes`)."""
+    m = plan.model
+    d, g, hkv = m.head_dim, m.num_attention_heads // m.num_kv_heads, m.num_kv_heads
     dense = plan.num_layers * hkv * ctx * 2 * d * itemsize
     pod = 0
-    for row in plan.head_table():
-        for spec in row:
+    for layer, row in enumerate(plan.head_table()):
+        precisions = plan.layer_precisions(layer)
+        for h, spec in enumerate(row):
             prox = min(ctx, plan.sinks + spec.window)
-            if spec.kind == HeadKind.FULL:
+            if spec.kind == HeadKind.FULL and precisions[h].quantized:
+                pod += head_bytes(spec, precisions[h], ctx, plan.sinks, d, plan.precision.residual,
+                                  dtype_bytes=itemsize)
+            elif spec.kind == HeadKind.FULL:
                 pod += ctx * 2 * d * itemsize + (ctx * g * 4 if reuse else 0)  # K + V (+ write fp32 logits)
             elif spec.kind == HeadKind.STREAMING:  # its sinks and window, K and V
                 pod += prox * 2 * d * itemsize

@@ -11,6 +11,8 @@ and reports the ratio, the bytes each step must read from the cache (`kernels.de
 share of the measured copy bandwidth. Prefill per layer against SDPA is in `benchmarks/kernel_speed.py`.
 
 Run (GPU): python benchmarks/static_decode.py --out docs/static-decode.md
+  --precisions K16V16,K8V8,K4cV4 adds plans with every head FULL at those precisions (the quantized decode kernel
+  reading packed int8 / int4 keys and values): the bytes a step reads against its time.
 Run (CPU, a correctness smoke test of the script itself, no timing claims): python benchmarks/static_decode.py --smoke
 """
 
@@ -97,13 +99,19 @@ def main(args):
     from transformers import StaticCache
 
     from ilc.runtime import model_signature, remove_plan
-    from kernels import decode_bytes
+    from ilc.runtime.bits import HeadPrecision, uniform_precision
+    from kernel_speed import decode_bytes
 
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     model = build_model(args.layers, device, dtype, args.smoke)
     sig = model_signature(model, name="llama-3.1-8b-attention-shape")
-    plan = llama8b_plan(sig, sinks=4 if args.smoke else 16, window=16 if args.smoke else 4080)
+    sinks, window = (4, 16) if args.smoke else (16, 4080)
+    plans = {"PoD blocks of 5": llama8b_plan(sig, sinks=sinks, window=window)}
+    for name in filter(None, args.precisions.split(",")):  # every head FULL (the quantized kernel has no followers)
+        every_head = llama8b_plan(sig, block=1, sinks=sinks, window=window)
+        plans[f"every head {name}"] = every_head.with_options(precision=uniform_precision(
+            every_head.head_table(), HeadPrecision.parse(name), residual=16 if args.smoke else 128))
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     compile_mode = None if args.smoke else "reduce-overhead"
@@ -117,20 +125,21 @@ def main(args):
                 continue
             dense = measure(model, lambda n: StaticCache(config=model.config, max_cache_len=n), ctx, batch, device,
                             args.reps, compile_mode)
-            plan.apply(model)
-            pod = measure(model, lambda n: plan.new_cache(model, max_length=n), ctx, batch, device, args.reps,
-                          compile_mode)
-            remove_plan(model)
-            need_dense, need_pod = decode_bytes(plan, ctx)
-            need_dense, need_pod = need_dense * batch, need_pod * batch
-            row = dict(context=ctx, batch=batch, dense_eager_ms=dense[0], pod_eager_ms=pod[0],
-                       eager_ratio=pod[0] / dense[0], bytes_dense=need_dense, bytes_pod=need_pod)
-            if dense[1] is not None:
-                row.update(dense_graph_ms=dense[1], pod_graph_ms=pod[1], graph_ratio=pod[1] / dense[1],
-                           bw_dense=need_dense / (dense[1] / 1e3) / bw, bw_pod=need_pod / (pod[1] / 1e3) / bw)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            for label, plan in plans.items():  # each beside the dense step measured in the same run
+                plan.apply(model)
+                pod = measure(model, lambda n: plan.new_cache(model, max_length=n), ctx, batch, device, args.reps,
+                              compile_mode)
+                remove_plan(model)
+                need_dense, need_pod = decode_bytes(plan, ctx)
+                need_dense, need_pod = need_dense * batch, need_pod * batch
+                row = dict(plan=label, context=ctx, batch=batch, dense_eager_ms=dense[0], pod_eager_ms=pod[0],
+                           eager_ratio=pod[0] / dense[0], bytes_dense=need_dense, bytes_pod=need_pod)
+                if dense[1] is not None:
+                    row.update(dense_graph_ms=dense[1], pod_graph_ms=pod[1], graph_ratio=pod[1] / dense[1],
+                               bw_dense=need_dense / (dense[1] / 1e3) / bw, bw_pod=need_pod / (pod[1] / 1e3) / bw)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                torch.cuda.empty_cache() if device.type == "cuda" else None
     write(rows, bw, args.out, args.layers)
 
 
@@ -139,16 +148,16 @@ def write(rows, bw, out, layers):
              "tiny MLP), static caches. Graph = `torch.compile(mode='reduce-overhead', fullgraph=True)`. Bytes: what "
              "the step must read from the KV cache (PoD: scores mode, followers read the anchor's logits)."
              + (f" Copy bandwidth measured: {bw / 1e12:.2f} TB/s." if bw else ""), "",
-             "| context | batch | dense eager ms | PoD eager ms | ratio | dense graph ms | PoD graph ms | ratio | "
-             "cache MiB read dense / PoD | bandwidth dense / PoD |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| plan | context | batch | dense eager ms | PoD eager ms | ratio | dense graph ms | PoD graph ms | ratio | "
+             "cache MiB read dense / PoD | bandwidth dense / PoD |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['context']} | {r['batch']} | skipped: {r['skipped']} | | | | | | | |")
+            lines.append(f"| | {r['context']} | {r['batch']} | skipped: {r['skipped']} | | | | | | | |")
             continue
         g = (f"{r['dense_graph_ms']:.2f} | {r['pod_graph_ms']:.2f} | {r['graph_ratio']:.2f}x"
              if "graph_ratio" in r else "– | – | –")
         b = f"{r['bw_dense']:.0%} / {r['bw_pod']:.0%}" if "bw_pod" in r else "–"
-        lines.append(f"| {r['context']} | {r['batch']} | {r['dense_eager_ms']:.2f} | {r['pod_eager_ms']:.2f} | "
+        lines.append(f"| {r['plan']} | {r['context']} | {r['batch']} | {r['dense_eager_ms']:.2f} | {r['pod_eager_ms']:.2f} | "
                      f"{r['eager_ratio']:.2f}x | {g} | {r['bytes_dense'] / 2**20:.0f} / {r['bytes_pod'] / 2**20:.0f} "
                      f"| {b} |")
     emit_table(lines, out)
@@ -161,6 +170,8 @@ if __name__ == "__main__":
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--max-cache-gib", type=float, default=40.0, help="skip settings whose dense cache is larger")
+    ap.add_argument("--precisions", default="", help="also plans with every head FULL at these precisions, e.g. "
+                    "K16V16,K8V8,K4cV4 (fp16 vs int8 vs int4 reads)")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, no compile, to check the script runs")
     ap.add_argument("--out")
     main(ap.parse_args())

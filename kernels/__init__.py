@@ -87,7 +87,7 @@ def decode_attention(query, table, *, group, values, anchor_keys, sink_keys, rin
 def quantized_decode_attention(query, table, *, group, head_k, head_v, k_data, k_scale, k_min, v_data, v_scale,
                                v_min, tail_k, tail_v, row_start, mid_o, mid_lse, k_prefix, k_packed, v_prefix,
                                v_packed, total, scaling, key_bits, value_bits, key_channel, quant_group, nsplit,
-                               split_len):
+                               split_len, k_ring=0, v_ring=0, residual=0, total_at=None):
     """One split-K launch over quantized heads (`quant_decode.py`); partials go to mid_o / mid_lse as for
     `decode_attention`, then `decode_merge`.
 
@@ -96,13 +96,17 @@ def quantized_decode_attention(query, table, *, group, head_k, head_v, k_data, k
     D * key_bits / 8] slots [k_prefix, k_prefix + k_packed), k_scale / k_min [B, H, k_packed (or k_packed /
     quant_group with key_channel), D / quant_group (or D)]; tail_k [B, H, >= total - k_prefix - k_packed, D] the
     slots after them. Values the same with v_*, grouped per token. A side stored at 16 bits: prefix and packed 0,
-    any tensors for its data. row_start int32 [B]."""
+    any tensors for its data. row_start int32 [B].
+    A static cache (`slots.StaticSlots`): tails are rings (k_ring / v_ring slots, slot s at s % ring; 0 = linear),
+    total_at is a 0-d int64 device tensor holding the slot count (`total` then only bounds the splits), k_packed /
+    v_packed are the packed capacities and the counts follow on the device from `residual`."""
     from .quant_decode import _quant_decode_split
 
     b, hq, _, d = query.shape
     _quant_decode_split[(b, table.shape[0], nsplit)](
         query, head_k, head_v, k_data, k_scale, k_min, v_data, v_scale, v_min, tail_k, tail_v, row_start, mid_o,
-        mid_lse, table, k_prefix, k_packed, v_prefix, v_packed, total, scaling, split_len, hq,
+        mid_lse, table, query if total_at is None else total_at, k_prefix, k_packed, k_ring, v_prefix, v_packed,
+        v_ring, residual, total, scaling, split_len, hq,
         query.stride(0), query.stride(1), head_k.stride(0), head_k.stride(1), head_k.stride(2),
         head_v.stride(0), head_v.stride(1), head_v.stride(2),
         k_data.stride(0), k_data.stride(1), k_data.stride(2), k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
@@ -110,7 +114,7 @@ def quantized_decode_attention(query, table, *, group, head_k, head_v, k_data, k
         tail_k.stride(0), tail_k.stride(1), tail_k.stride(2), tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=d, BLOCK_N=decode_block(query.device),
         NSPLIT_CAP=mid_o.shape[2], KEY_BITS=key_bits, VALUE_BITS=value_bits, KEY_CHANNEL=key_channel,
-        QGROUP=quant_group, UPCAST=_upcast(query),
+        QGROUP=quant_group, UPCAST=_upcast(query), DEVICE_TOTAL=total_at is not None,
     )
 
 

@@ -4,7 +4,11 @@ The keys (and the values) of a launch's heads share one stored layout (`ilc.runt
 [0, total) of a row, the first `prefix` in 16-bit buffers (HEAD_K / HEAD_V), the next `packed` as integers
 (K_DATA / V_DATA, KEY_BITS / VALUE_BITS per element packed along head_dim: element d sits in byte d % (D / per_byte)
 at bit offset BITS * (d // (D / per_byte))), then the tail in 16-bit buffers (TAIL_K / TAIL_V); keys and values
-have their own prefix and packed count (a 16-bit side has neither: all its slots are its tail). Each group of QGROUP elements
+have their own prefix and packed count (a 16-bit side has neither: all its slots are its tail). A tail is linear
+(slot s at s - prefix - packed) or, for a static cache, a ring (k_ring / v_ring > 0: slot s at s % ring). With
+DEVICE_TOTAL (a static cache) the slot count is read from TOTAL_AT, the packed arguments are capacities, and each
+side's packed count follows on the device: max(0, total - prefix - residual) // QGROUP * QGROUP, at most its
+capacity (`bits.quantized_tokens`). Each group of QGROUP elements
 has a 16-bit scale and minimum: x = q * scale + minimum; keys grouped per channel (KEY_CHANNEL: QGROUP tokens of
 one channel) or per token (QGROUP channels of one token), values per token. A program handles all query heads
 of one KV head (GQA) for one split of the slots; slots before the row's start (left padding) are masked.
@@ -41,17 +45,19 @@ def _dequantized(DATA, SCALE, MIN, base_data, base_param, s_dn, s_pn, slot, ok, 
 
 
 @triton.jit
-def _slots(HEAD, TAIL, DATA, SCALE, MIN, b, own, slot, live, d, prefix, packed, s_hb, s_hh, s_hn, s_tb, s_th, s_tn,
-           s_db, s_dh, s_dn, s_pb, s_ph, s_pn, BITS: tl.constexpr, CHANNEL: tl.constexpr, QGROUP: tl.constexpr,
+def _slots(HEAD, TAIL, DATA, SCALE, MIN, b, own, slot, live, d, prefix, packed, ring, s_hb, s_hh, s_hn, s_tb, s_th,
+           s_tn, s_db, s_dh, s_dn, s_pb, s_ph, s_pn, BITS: tl.constexpr, CHANNEL: tl.constexpr, QGROUP: tl.constexpr,
            D: tl.constexpr):
-    """[BLOCK_N, D] fp32 of slots `slot` of head `own` (one `Slots`): 16-bit prefix, packed middle, 16-bit tail."""
+    """[BLOCK_N, D] fp32 of slots `slot` of head `own` (one `Slots`): 16-bit prefix, packed middle, 16-bit tail
+    (linear, or a ring of `ring` slots)."""
     tail_start = prefix + packed
     in_head = live & (slot < prefix)
     in_packed = live & (slot >= prefix) & (slot < tail_start)
     in_tail = live & (slot >= tail_start)
+    tail_slot = tl.where(ring > 0, slot % tl.maximum(ring, 1), slot - tail_start)
     x = tl.load(HEAD + b * s_hb + own * s_hh + slot[:, None] * s_hn + d[None, :], mask=in_head[:, None],
                 other=0.0).to(tl.float32)
-    x += tl.load(TAIL + b * s_tb + own * s_th + (slot - tail_start)[:, None] * s_tn + d[None, :],
+    x += tl.load(TAIL + b * s_tb + own * s_th + tail_slot[:, None] * s_tn + d[None, :],
                  mask=in_tail[:, None], other=0.0).to(tl.float32)
     x += _dequantized(DATA, SCALE, MIN, b * s_db + own * s_dh, b * s_pb + own * s_ph, s_dn, s_pn, slot - prefix,
                       in_packed, d, BITS, CHANNEL, QGROUP, D)
@@ -61,13 +67,18 @@ def _slots(HEAD, TAIL, DATA, SCALE, MIN, b, own, slot, live, d, prefix, packed, 
 @triton.jit
 def _quant_decode_split(
     Q, HEAD_K, HEAD_V, K_DATA, K_SCALE, K_MIN, V_DATA, V_SCALE, V_MIN, TAIL_K, TAIL_V, ROW_START, MID_O, MID_LSE,
-    TABLE, k_prefix, k_packed, v_prefix, v_packed, total, scaling, split_len, n_qheads,
+    TABLE, TOTAL_AT, k_prefix, k_packed, k_ring, v_prefix, v_packed, v_ring, residual, total, scaling, split_len,
+    n_qheads,
     s_qb, s_qh, s_hkb, s_hkh, s_hkn, s_hvb, s_hvh, s_hvn, s_kdb, s_kdh, s_kdn, s_kpb, s_kph, s_kpn, s_vdb, s_vdh,
     s_vdn, s_vpb, s_vph, s_vpn, s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_CAP: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, QGROUP: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DEVICE_TOTAL: tl.constexpr,
 ):
+    if DEVICE_TOTAL:  # a static cache: the slot count lives on the device, so a captured graph serves every step
+        total = tl.load(TOTAL_AT).to(tl.int32)
+        k_packed = tl.minimum(k_packed, tl.maximum(total - k_prefix - residual, 0) // QGROUP * QGROUP)
+        v_packed = tl.minimum(v_packed, tl.maximum(total - v_prefix - residual, 0) // QGROUP * QGROUP)
     b = tl.program_id(0)
     row = tl.program_id(1)
     split = tl.program_id(2)
@@ -87,10 +98,10 @@ def _quant_decode_split(
     for start in range(lo, hi, BLOCK_N):
         slot = start + tl.arange(0, BLOCK_N)
         live = (slot < hi) & (slot >= rs)
-        k = _slots(HEAD_K, TAIL_K, K_DATA, K_SCALE, K_MIN, b, own, slot, live, d, k_prefix, k_packed,
+        k = _slots(HEAD_K, TAIL_K, K_DATA, K_SCALE, K_MIN, b, own, slot, live, d, k_prefix, k_packed, k_ring,
                    s_hkb, s_hkh, s_hkn, s_tkb, s_tkh, s_tkn, s_kdb, s_kdh, s_kdn, s_kpb, s_kph, s_kpn,
                    KEY_BITS, KEY_CHANNEL, QGROUP, D)
-        v = _slots(HEAD_V, TAIL_V, V_DATA, V_SCALE, V_MIN, b, own_v, slot, live, d, v_prefix, v_packed,
+        v = _slots(HEAD_V, TAIL_V, V_DATA, V_SCALE, V_MIN, b, own_v, slot, live, d, v_prefix, v_packed, v_ring,
                    s_hvb, s_hvh, s_hvn, s_tvb, s_tvh, s_tvn, s_vdb, s_vdh, s_vdn, s_vpb, s_vph, s_vpn,
                    VALUE_BITS, False, QGROUP, D)
         s = _dot(q.to(tl.float32), tl.trans(k), UPCAST) * scaling

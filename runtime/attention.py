@@ -6,7 +6,7 @@
 - a decode step over a `StaticPoDCache` (`StaticStep`): the Triton decode kernel reading the slot count on the
   device (`kernel_dispatch.static_decode_triton`) or `reference.static_decode`;
 - an update of a growing `PoDCache` (`PoDKeys`): the Triton kernels (`kernel_dispatch`, on CUDA or with
-  kernels=True, plans without token selection, nor followers of quantized anchors) or the PyTorch reference (`reference.reference_attention`).
+  kernels=True; not for token selection nor followers of quantized anchors) or the PyTorch reference (`reference.reference_attention`).
 Around the call it keeps what later layers need: an anchor's query for its scores-mode followers (dropped after
 its last reader), and the last prompt queries that token selection scores with. The rule itself is stated in
 `ilc.runtime.reference`.
@@ -62,7 +62,7 @@ def _dispatch(query, key: PoDKeys | StaticStep, value, scaling: float) -> torch.
     """[B, Hq, q, D] from the path that serves this update (see the module docstring)."""
     layer, state = key.layer, key.state
     if isinstance(key, StaticStep):  # a decode step over a StaticPoDCache (selection is refused there)
-        kernels = layer.uses_kernels(query)
+        kernels = layer.uses_kernels(query) and not state.quantized_followers
         return (static_decode_triton if kernels else static_decode)(query, key, value, scaling)
     if isinstance(layer, StaticPoDLayer) and layer.layer_idx == 0 and layer.uses_kernels(query):
         prepare_static(layer.cache, query.shape[0], query.device)  # a static prefill: before a decode is captured

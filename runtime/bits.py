@@ -144,11 +144,21 @@ def head_bytes(spec: HeadSpec, precision: HeadPrecision, context: int, sinks: in
 
 @dataclass(frozen=True)
 class Precision:
-    """A plan's ``precision:`` section: bits per (KV head, layer), the residual window and the group size."""
+    """A plan's ``precision:`` section: bits per (KV head, layer) (each carrying the one group size) and the
+    residual window."""
 
     heads: tuple[tuple[HeadPrecision, ...], ...]  # heads[kv_head][layer]
     residual: int = DEFAULT_RESIDUAL
-    group: int = DEFAULT_GROUP
+
+    def __post_init__(self):
+        groups = {p.group for row in self.heads for p in row}
+        if len(groups) > 1:
+            raise ValueError(f"precision: every head shares one group size, got {sorted(groups)}")
+
+    @property
+    def group(self) -> int:
+        """Elements per scale, the same for every head (the plan format writes it once)."""
+        return next((p.group for row in self.heads for p in row), DEFAULT_GROUP)
 
     def of(self, layer: int, kv_head: int) -> HeadPrecision:
         return self.heads[kv_head][layer]
@@ -178,4 +188,4 @@ def uniform_precision(head_table, precision: HeadPrecision, residual: int = DEFA
         return HeadPrecision(group=precision.group)
 
     heads = tuple(tuple(of(row[h]) for row in head_table) for h in range(len(head_table[0])))
-    return Precision(heads, residual, precision.group)
+    return Precision(heads, residual)

@@ -29,7 +29,7 @@ from .bits import HeadPrecision
 from .heads import HeadKind, HeadSpec, Mode, Selection, stored_vectors
 from .plan import Plan, PlanError
 from .selection import SelectionShape, choose_tokens, selection_shape
-from .slots import HeadSlots, grown_capacity, resized, tensor_bytes
+from .slots import HeadSlots, grown_capacity, resized, ring_read, ring_write, tensor_bytes
 
 
 @dataclass
@@ -108,7 +108,7 @@ class PoDKeys:
         """[B, Hf, n, D] own keys of follower heads for slots [recent_start, total). A one-token update copies
         them out of the ring only if asked: the Triton decode kernel reads the ring in place."""
         if self.chunk_recent is None and self.layer.follower_heads:
-            self.chunk_recent = _ring_read(self.layer.ring_keys, self.state.window, self.recent_start, self.total)
+            self.chunk_recent = ring_read(self.layer.ring_keys, self.state.window, self.recent_start, self.total)
         return self.chunk_recent
 
     def streaming_recent(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -118,8 +118,8 @@ class PoDKeys:
             group = self.layer.stream_groups[index]
             total = self.logical_total
             lo = max(0, total - group.window)
-            self.stream_recent[index] = (lo, _ring_read(group.ring_k, group.window, lo, total),
-                                         _ring_read(group.ring_v, group.window, lo, total))
+            self.stream_recent[index] = (lo, ring_read(group.ring_k, group.window, lo, total),
+                                         ring_read(group.ring_v, group.window, lo, total))
         return self.stream_recent[index]
 
 
@@ -268,7 +268,7 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             if n > 1:  # read what the chunk's queries need before the ring write drops it
                 recent = _with_ring(self.ring_keys, window, recent_start, start, own)
             _store_sinks(self.sink_keys, own, start, state.row_start, state.row_start_max, state.sinks)
-            _ring_write(self.ring_keys, window, own, start)
+            ring_write(self.ring_keys, window, own, start)
         view = PoDKeys(self, start, total, recent_start, recent)
         for index, group in enumerate(self.stream_groups):
             k, v = key_states[:, group.select], value_states[:, group.select]
@@ -278,8 +278,8 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
                 lo = max(0, logical - group.window + 1)
                 view.stream_recent[index] = (lo, _with_ring(group.ring_k, group.window, lo, logical, k),
                                              _with_ring(group.ring_v, group.window, lo, logical, v))
-            _ring_write(group.ring_k, group.window, k, logical)
-            _ring_write(group.ring_v, group.window, v, logical)
+            ring_write(group.ring_k, group.window, k, logical)
+            ring_write(group.ring_v, group.window, v, logical)
         self.seen = logical + n
         return view, self._values_for_attention(total)
 
@@ -298,9 +298,9 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if self.follower_heads:
             w = self.state.window
             n = min(w, total)
-            recent = _ring_read(self.ring_keys, w, total - n, total)
+            recent = ring_read(self.ring_keys, w, total - n, total)
             self.ring_keys = self.ring_keys.new_zeros(*recent.shape[:2], min(w, cap), recent.shape[-1])
-            _ring_write(self.ring_keys, w, recent, kept - n)
+            ring_write(self.ring_keys, w, recent, kept - n)
         self.capacity = cap
         self.kernel_meta = {}
 
@@ -380,7 +380,7 @@ class QuantizedPoDLayer(PoDLayer):
     `stored_keys` / `stored_values` dequantize them. Followers' own keys and streaming heads hold proximal tokens
     only and stay in the model's dtype. A decode step reads the packed slots in the Triton kernel
     (`ilc.kernels.quant_decode`, plans without followers) or dequantized by the PyTorch reference; the static cache
-    refuses quantized plans. While a plan's token selection is due, nothing is quantized: selection
+    preallocates the same layout (`static_cache.StaticQuantizedPoDLayer`). While a plan's token selection is due, nothing is quantized: selection
     compacts the prompt first, then it is quantized once. A prompt chunk attends to its own tokens unquantized,
     as KIVI's prefill does (`fresh` keeps them until the layer's next update; they are stored quantized), so
     every query sees exactly its sinks and residual at 16 bits, as calibration priced it."""
@@ -399,13 +399,16 @@ class QuantizedPoDLayer(PoDLayer):
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)  # `values` / `anchor_keys` stay empty
         new = lambda heads: key_states.new_zeros(self.batch, len(heads), 0, self.head_dim)  # noqa: E731
-        prefix = self._exact_prefix()
         if self.anchor_heads:
-            self.key_slots = HeadSlots([self.precisions[h].key_spec() for h in self.anchor_heads],
-                                       self.state.residual, prefix, new(self.anchor_heads))
+            self.key_slots = self._new_slots([self.precisions[h].key_spec() for h in self.anchor_heads],
+                                             new(self.anchor_heads))
         if self.value_heads:
-            self.value_slots = HeadSlots([self.precisions[h].value_spec() for h in self.value_heads],
-                                         self.state.residual, prefix, new(self.value_heads))
+            self.value_slots = self._new_slots([self.precisions[h].value_spec() for h in self.value_heads],
+                                               new(self.value_heads))
+
+    def _new_slots(self, specs, like: torch.Tensor) -> HeadSlots:
+        """Storage of some heads, head i at specs[i]; `like` [B, n, 0, D] gives dtype and device."""
+        return HeadSlots(specs, self.state.residual, self._exact_prefix(), like)
 
     def _exact_prefix(self) -> int:
         """Slots every row keeps in the model's dtype at the start: its sinks, after the longest left padding."""
@@ -502,29 +505,10 @@ def _head_selector(heads: list[int], device) -> slice | torch.Tensor:
     return torch.tensor(heads, dtype=torch.long, device=device)
 
 
-def _ring_read(ring: torch.Tensor, window: int, lo: int, hi: int) -> torch.Tensor:
-    """Slots [lo, hi) of a ring buffer [B, H, min(window, cap), D] (slot s at s % window)."""
-    if hi <= lo:
-        return ring[:, :, :0]
-    return ring.index_select(2, torch.arange(lo, hi, device=ring.device) % window)
-
-
 def _with_ring(ring: torch.Tensor, window: int, lo: int, start: int, new: torch.Tensor) -> torch.Tensor:
     """Slots [lo, start) from the ring followed by the update's `new` vectors (read before the ring write)."""
-    old = _ring_read(ring, window, lo, start)
+    old = ring_read(ring, window, lo, start)
     return torch.cat([old, new], dim=2) if old.shape[2] else new
-
-
-def _ring_write(ring: torch.Tensor, window: int, new: torch.Tensor, start: int) -> None:
-    """Store the last `window` of `new` (slots start..) at ring slots (slot % window): at most two slice copies."""
-    n = new.shape[2]
-    keep = min(n, window)
-    src = new[:, :, n - keep:]
-    first = (start + n - keep) % window
-    head = min(keep, window - first)
-    ring[:, :, first:first + head] = src[:, :, :head]
-    if keep > head:  # wrapped past the end of the ring
-        ring[:, :, :keep - head] = src[:, :, head:]
 
 
 def _grow_ring(ring: torch.Tensor, size: int) -> torch.Tensor:

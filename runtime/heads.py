@@ -88,16 +88,18 @@ class Scorer:
     name: str
     description: str
     last_queries: int | None  # how many of the last prompt queries vote; None: the selection's window
-    smooth: bool  # average-pool the scores over neighbouring tokens (Selection.pool)
+    pooling: str | None  # over Selection.pool neighbouring tokens: "avg", "max" (a span scores as its best token)
     replay: bool = False  # scores come from re-reading the prompt (`ilc.runtime.replay`), not the last queries
 
 
 SCORERS = {s.name: s for s in (
     Scorer("snapkv", "mean attention of the last `window` prompt queries, average-pooled (SnapKV, as in kvpress)",
-           None, True),
-    Scorer("tova", "attention of the last prompt query (TOVA's rule, per KV head)", 1, False),
+           None, "avg"),
+    Scorer("spans", "SnapKV's scores max-pooled: a token within pool/2 of a well-read token scores as that one, so "
+           "a span (every digit of a number) is kept or dropped whole (ChunkKV's observation)", None, "max"),
+    Scorer("tova", "attention of the last prompt query (TOVA's rule, per KV head)", 1, None),
     Scorer("replay", "most attention received while the model re-reads the prompt (KVzip's rule; two extra "
-           "prefills)", 1, False, replay=True),
+           "prefills)", 1, None, replay=True),
 )}
 
 

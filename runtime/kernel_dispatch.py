@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ilc.kernels import decode_merge, decode_splits, ops, quantized_decode_attention
+from ilc.kernels import decode_splits, ops
 from ilc.kernels.table import LaunchColumn, LaunchKind
 
 from .attention_common import dense_attention, follower_groups, query_heads
 from .cache import CacheState, PoDKeys, PoDLayer, QuantizedPoDLayer
-from .slots import grown_capacity
+from .slots import grown_capacity, spec_groups
 from .heads import HeadKind, Mode
 from .reference import reference_attention
 
@@ -144,12 +144,9 @@ def _decode(out, query, layer: PoDLayer, total: int, values, row_start, scaling,
     common = dict(group=group, logits=logits, row_start=row_start, mid_o=mid_o, mid_lse=mid_lse, total=total,
                   rs_min=state.row_start_min, sinks=state.sinks, scaling=scaling, nsplit=nsplit, split_len=split_len,
                   total_at=total_at)
+    _decode_streams(query, layer, meta.decode, common)
     for launch in meta.decode:
         if launch.stream is not None:
-            g = layer.stream_groups[launch.stream]
-            ops.decode_attention(query, launch.table, values=dummy, anchor_keys=dummy,
-                                 sink_keys=pick(g.sink_k, True), ring_keys=g.ring_k, dist_keys=dummy,
-                                 sink_values=pick(g.sink_v, True), ring_values=g.ring_v, window=g.window, **common)
             continue
         dist = layer.cache.layers[launch.dist_layer].anchor_keys if launch.dist_layer is not None else dummy
         ops.decode_attention(query, launch.table, values=pick(values, True),
@@ -164,57 +161,72 @@ def _decode(out, query, layer: PoDLayer, total: int, values, row_start, scaling,
 
 def quantized_launches(layer: QuantizedPoDLayer, device) -> list[tuple[int, int, torch.Tensor]]:
     """(key group, value group, head table) per pair of `HeadSlots` groups that the layer's FULL heads read: rows
-    KV_HEAD, OWN (the head's index in its key `Slots`) and VALUE (in its value `Slots`). Built once per device."""
+    KV_HEAD, OWN (the head's index in its key `Slots`) and VALUE (in its value `Slots`). Built once per device,
+    from the plan's precisions (a static cache builds them before its later layers are initialized)."""
     meta = layer.kernel_meta.get(("quantized", device))
     if meta is not None:
         return meta
-    where = lambda slots, i: next((g, positions.index(i)) for g, (positions, _) in enumerate(slots.groups)  # noqa: E731
-                                  if i in positions)
+    key_groups = spec_groups([layer.precisions[h].key_spec() for h in layer.anchor_heads])
+    value_groups = spec_groups([layer.precisions[h].value_spec() for h in layer.value_heads])
+    where = lambda groups, i: next((g, positions.index(i)) for g, positions in enumerate(groups)  # noqa: E731
+                                   if i in positions)
     rows: dict[tuple[int, int], list[dict]] = {}
     for i, h in enumerate(layer.anchor_heads):
-        (gk, own), (gv, own_v) = where(layer.key_slots, i), where(layer.value_slots, layer.value_pos[h])
+        (gk, own), (gv, own_v) = where(key_groups, i), where(value_groups, layer.value_pos[h])
         rows.setdefault((gk, gv), []).append({LaunchColumn.KV_HEAD: h, LaunchColumn.OWN: own,
                                               LaunchColumn.VALUE: own_v})
     meta = layer.kernel_meta[("quantized", device)] = [(gk, gv, _table(r, device)) for (gk, gv), r in rows.items()]
     return meta
 
 
-def _decode_quantized(out, query, layer: QuantizedPoDLayer, total: int, row_start, scaling):
+def _decode_streams(query, layer: PoDLayer, launches: list, common: dict) -> None:
+    """The STREAMING launches of a decode step (one per window size): sinks and ring, own K and V."""
+    for launch in launches:
+        if launch.stream is None:
+            continue
+        g = layer.stream_groups[launch.stream]
+        sink_k, sink_v = (t if t.numel() else query for t in (g.sink_k, g.sink_v))  # no sinks: any tensor
+        ops.decode_attention(query, launch.table, values=query, anchor_keys=query, sink_keys=sink_k,
+                             ring_keys=g.ring_k, dist_keys=query, sink_values=sink_v, ring_values=g.ring_v,
+                             window=g.window, **common)
+
+
+def _no_ints(state: CacheState, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8, fp16) tensors to pass as the data and scales of a side stored at 16 bits (never read)."""
+    return state.kernel_scratch.setdefault("no_ints", (torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device),
+                                                       torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=device)))
+
+
+def _decode_quantized(out, query, layer: QuantizedPoDLayer, total: int, row_start, scaling, total_at=None):
     """One decode step of a layer with quantized heads (plans without followers): its FULL heads through the
     quantized kernel (packed slots dequantized in registers), its streaming heads through the decode kernel, one
-    merge."""
+    merge. total / total_at as for `_decode` (a static cache: its length, and the slot count on the device)."""
     state = layer.state
     b, hq, _, d = query.shape
     group = hq // len(layer.specs)
     dev = query.device
     cap, nsplit, split_len = decode_splits(dev, b, len(layer.specs), max(1, total))  # splits cover [0, total)
     mid_o, mid_lse, logits = _decode_scratch(state, b, hq, d, cap, total, dev)
-    dummy = query
     common = dict(group=group, row_start=row_start, mid_o=mid_o, mid_lse=mid_lse, total=total, scaling=scaling,
-                  nsplit=nsplit, split_len=split_len)
-    for launch in layer_launches(layer, dev).decode:
-        if launch.stream is not None:
-            g = layer.stream_groups[launch.stream]
-            sink_k, sink_v = (t if t.numel() else dummy for t in (g.sink_k, g.sink_v))
-            ops.decode_attention(query, launch.table, values=dummy, anchor_keys=dummy, sink_keys=sink_k,
-                                 ring_keys=g.ring_k, dist_keys=dummy, sink_values=sink_v, ring_values=g.ring_v,
-                                 window=g.window, logits=logits, rs_min=state.row_start_min, sinks=state.sinks,
-                                 **common)
-    no_ints = state.kernel_scratch.setdefault("no_ints", (torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=dev),
-                                                          torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=dev)))
+                  nsplit=nsplit, split_len=split_len, total_at=total_at)
+    _decode_streams(query, layer, layer_launches(layer, dev).decode,
+                    dict(common, logits=logits, rs_min=state.row_start_min, sinks=state.sinks))
+    no_ints = _no_ints(state, dev)
     for gk, gv, table in quantized_launches(layer, dev):
         ks, vs = layer.key_slots.groups[gk][1], layer.value_slots.groups[gv][1]
         data = lambda s: (s.data, s.scale, s.minimum) if s.spec else (no_ints[0], no_ints[1], no_ints[1])  # noqa
         (k_data, k_scale, k_min), (v_data, v_scale, v_min) = data(ks), data(vs)
+        (head_k, tail_k, k_prefix, k_packed, k_ring), (head_v, tail_v, v_prefix, v_packed, v_ring) = (
+            ks.kernel_layout(), vs.kernel_layout())
         specs = [s.spec for s in (ks, vs) if s.spec]
-        quantized_decode_attention(
-            query, table, head_k=ks.head, head_v=vs.head, k_data=k_data, k_scale=k_scale, k_min=k_min,
-            v_data=v_data, v_scale=v_scale, v_min=v_min, tail_k=ks.tail, tail_v=vs.tail,
-            k_prefix=ks.head.shape[2], k_packed=ks.packed, v_prefix=vs.head.shape[2], v_packed=vs.packed,
-            key_bits=ks.spec.bits if ks.spec else 8, value_bits=vs.spec.bits if vs.spec else 8,
-            key_channel=bool(ks.spec) and ks.spec.axis == "channel", quant_group=specs[0].group if specs else 32,
-            **common)
-    decode_merge(out, mid_o, mid_lse, nsplit)
+        ops.quantized_decode_attention(
+            query, table, head_k=head_k, head_v=head_v, k_data=k_data, k_scale=k_scale, k_min=k_min,
+            v_data=v_data, v_scale=v_scale, v_min=v_min, tail_k=tail_k, tail_v=tail_v, k_prefix=k_prefix,
+            k_packed=k_packed, k_ring=k_ring, v_prefix=v_prefix, v_packed=v_packed, v_ring=v_ring,
+            residual=state.residual, key_bits=ks.spec.bits if ks.spec else 8,
+            value_bits=vs.spec.bits if vs.spec else 8, key_channel=bool(ks.spec) and ks.spec.axis == "channel",
+            quant_group=specs[0].group if specs else 32, **common)
+    ops.decode_merge(out, mid_o, mid_lse, nsplit)
 
 
 def static_decode_triton(query, step, values, scaling):
@@ -222,8 +234,11 @@ def static_decode_triton(query, step, values, scaling):
     count read on the device (`step.position + 1`), every buffer preallocated (`prepare_static`)."""
     layer, state = step.layer, step.state
     out = torch.empty_like(query)
-    _decode(out, query, layer, layer.max_length, values, _row_start(state, query.shape[0], query.device), scaling,
-            total_at=step.position + 1)
+    row_start = _row_start(state, query.shape[0], query.device)
+    if isinstance(layer, QuantizedPoDLayer):
+        _decode_quantized(out, query, layer, layer.max_length, row_start, scaling, total_at=step.position + 1)
+    else:
+        _decode(out, query, layer, layer.max_length, values, row_start, scaling, total_at=step.position + 1)
     return out
 
 
@@ -237,8 +252,11 @@ def prepare_static(cache, batch: int, device) -> None:
     cap, _, _ = decode_splits(device, batch, plan.num_kv_heads, span)
     _decode_scratch(state, batch, hq, d, cap, cache.max_length, device)
     _row_start(state, batch, device)
+    _no_ints(state, device)
     for layer in cache.layers:
         layer_launches(layer, device)
+        if isinstance(layer, QuantizedPoDLayer):
+            quantized_launches(layer, device)
 
 
 def pod_attention_triton(query, view: PoDKeys, values, scaling):

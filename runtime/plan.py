@@ -442,7 +442,7 @@ def _parse_precision(p: "_Reader", fmt: str, model: ModelSignature) -> Precision
         if len(per) > MAX_HEADS:
             raise PlanError(f"{p.source}: precision.per_head: {len(per)} heads given")
         heads = tuple(row(names, f"precision.per_head[{i}]") for i, names in enumerate(per))
-    return Precision(heads, residual, group)
+    return Precision(heads, residual)
 
 
 def _precision_to_yaml(p: Precision) -> dict:

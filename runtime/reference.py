@@ -268,6 +268,7 @@ def static_decode(query, step: StaticStep, values, scaling: float) -> torch.Tens
     b, hq, _, d = query.shape
     group = hq // len(layer.specs)
     i, dev = step.position, query.device
+    values = layer.decode_values(i) if values is None else values  # a quantized layer hands none
     rs = state.row_starts(b, dev)
     s, w = state.sinks, state.window
     slots = torch.arange(values.shape[2], device=dev)
@@ -276,7 +277,7 @@ def static_decode(query, step: StaticStep, values, scaling: float) -> torch.Tens
         qi = query_heads(layer.anchor_heads, group)
         mask = (slots[None] <= i) & (slots[None] >= rs[:, None])  # [B, L]
         out[:, qi] = F.scaled_dot_product_attention(
-            query[:, qi], layer.anchor_keys, values[:, [layer.value_pos[h] for h in layer.anchor_heads]],
+            query[:, qi], layer.decode_keys(i), values[:, [layer.value_pos[h] for h in layer.anchor_heads]],
             attn_mask=mask[:, None, None], scale=scaling, enable_gqa=True)
     for anchor, positions in follower_groups(layer).items():
         heads = [layer.follower_heads[p] for p in positions]
@@ -286,7 +287,7 @@ def static_decode(query, step: StaticStep, values, scaling: float) -> torch.Tens
         ring = layer.ring_keys[:, positions]
         ring_pos = _ring_positions(i, ring.shape[2])
         m_ring = (ring_pos >= (rs + s)[:, None]) & (ring_pos > i - w)  # [B, W]; no pads, no sinks, in the window
-        dist_k = anchor_layer.anchor_keys[:, [anchor_layer.anchor_heads.index(h) for h in heads]]
+        dist_k = anchor_layer.decode_keys(i)[:, [anchor_layer.anchor_heads.index(h) for h in heads]]
         m_dist = (slots[None] >= (rs + s)[:, None]) & (slots[None] <= i - w)  # [B, L]
         out[:, qi] = _static_softmax(
             query[:, qi], distant_query(step, anchor, query, heads), rs, i, scaling,

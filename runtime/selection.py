@@ -39,8 +39,10 @@ def token_scores(queries: torch.Tensor, keys: torch.Tensor, row_start: torch.Ten
     visible = (pos_k <= pos_q)[None] & (pos_k[None] >= row_start[:, None, None])  # [B, w, T]
     logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
     scores = logits.softmax(-1).nan_to_num(0.0).mean(dim=(2, 3))  # [B, H, T]
-    if scorer.smooth and selection.pool > 1:
+    if scorer.pooling == "avg" and selection.pool > 1:
         scores = F.avg_pool1d(scores, selection.pool, stride=1, padding=selection.pool // 2)
+    elif scorer.pooling == "max" and selection.pool > 1:
+        scores = F.max_pool1d(scores, selection.pool, stride=1, padding=selection.pool // 2) + 1e-3 * scores
     return scores
 
 

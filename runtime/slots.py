@@ -3,8 +3,10 @@
 `Slots` holds slots [0, total) of the keys (or values) of some heads of one layer at one `QuantSpec`: the first
 `prefix` slots (every row's sinks) and the recent tail in the model's dtype, the slots between them as packed
 integers with their scales (`ilc.runtime.quant`), quantized in whole groups as `bits.quantized_tokens` says.
-`HeadSlots` gathers one `Slots` per precision for the heads of one layer and reads them back in head order.
-Reading dequantizes (the reference path on CPU); nothing but the packed form is held for quantized slots.
+`StaticSlots` is the same layout preallocated for a `StaticPoDCache` (the recent slots in a ring), written by a
+decode step with no host read. `HeadSlots` gathers one `Slots` (or `StaticSlots`) per precision for the heads of
+one layer and reads them back in head order. Reading dequantizes (the reference path on CPU); nothing but the
+packed form is held for quantized slots.
 """
 
 from __future__ import annotations
@@ -38,6 +40,25 @@ def resized(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
     if used:
         out[:, :, :used] = t[:, :, :used]
     return out
+
+
+def ring_read(ring: torch.Tensor, window: int, lo: int, hi: int) -> torch.Tensor:
+    """Slots [lo, hi) of a ring buffer [B, H, min(window, cap), D] (slot s at s % window)."""
+    if hi <= lo:
+        return ring[:, :, :0]
+    return ring.index_select(2, torch.arange(lo, hi, device=ring.device) % window)
+
+
+def ring_write(ring: torch.Tensor, window: int, new: torch.Tensor, start: int) -> None:
+    """Store the last `window` of `new` (slots start..) at ring slots (slot % window): at most two slice copies."""
+    n = new.shape[2]
+    keep = min(n, window)
+    src = new[:, :, n - keep:]
+    first = (start + n - keep) % window
+    head = min(keep, window - first)
+    ring[:, :, first:first + head] = src[:, :, :head]
+    if keep > head:  # wrapped past the end of the ring
+        ring[:, :, :keep - head] = src[:, :, head:]
 
 
 class Slots:
@@ -111,6 +132,11 @@ class Slots:
         parts.append(self.tail[:, :, :self.tail_len])
         return torch.cat(parts, dim=2)
 
+    def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """(16-bit head, 16-bit tail, prefix, packed, ring) as the quantized decode kernel reads them (a linear tail:
+        ring 0)."""
+        return self.head, self.tail, self.head.shape[2], self.packed, 0
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.head, self.tail, self.data, self.scale, self.minimum) if t is not None]
 
@@ -130,29 +156,178 @@ class Slots:
             self.data, self.scale, self.minimum = fn(self.data), fn(self.scale), fn(self.minimum)
 
 
+class StaticSlots:
+    """`Slots`' layout preallocated for `length` slots (a `StaticPoDCache`): slots [0, prefix) in `head`, as many
+    packed slots as `length` can ever quantize, and the recent slots in the model's dtype in a ring of
+    `residual + group` (slot s at s % ring): the residual plus the group being quantized. With spec None the ring
+    is `length` long and holds every slot. A decode step (`write_step`) writes its token and requantizes, with no
+    host read, the group that has just left the residual (its old integers written back on the other steps); a
+    prompt (`write`) runs eagerly. Packed and quantized exactly as `Slots` does, at the same boundaries."""
+
+    def __init__(self, spec: QuantSpec | None, residual: int, prefix: int, like: torch.Tensor, length: int):
+        b, n, _, d = like.shape
+        self.spec, self.residual, self.length = spec, residual, length
+        self.prefix = min(prefix, length) if spec is not None else 0
+        group = spec.group if spec is not None else 1
+        self.capacity = quantized_tokens(length, self.prefix, residual, group) if spec is not None else 0
+        self.window = min(length, residual + group) if spec is not None else length  # the ring's size
+        self.head = like.new_zeros(b, n, self.prefix, d)
+        self.ring = like.new_zeros(b, n, self.window, d)
+        self.packed = 0  # tokens held as integers after the last eager `write` (decode steps count on the device)
+        self.written = 0  # slots after the last eager `write`
+        self.data = self.scale = self.minimum = None
+        if self.capacity:
+            self.data = like.new_zeros(b, n, self.capacity, d * spec.bits // 8, dtype=torch.uint8)
+            rows = self.capacity if spec.axis == Axis.TOKEN else self.capacity // spec.group
+            params = d // spec.group if spec.axis == Axis.TOKEN else d
+            self.scale = like.new_zeros(b, n, rows, params, dtype=torch.float16)
+            self.minimum = like.new_zeros(b, n, rows, params, dtype=torch.float16)
+
+    def _rows(self, tokens):
+        """Scale rows of the first `tokens` packed tokens."""
+        return tokens if self.spec.axis == Axis.TOKEN else tokens // self.spec.group
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        """Store x [B, n, m, D] as slots [start, start + m) and quantize what has left the residual (eager)."""
+        m = x.shape[2]
+        total = start + m
+        if start < self.prefix:
+            k = min(m, self.prefix - start)
+            self.head[:, :, start:start + k] = x[:, :, :k]
+        if self.capacity:
+            target = quantized_tokens(total, self.prefix, self.residual, self.spec.group)
+            if target > self.packed:
+                lo = self.prefix + self.packed  # the first slot to quantize: in the ring, or in x
+                src = torch.cat([ring_read(self.ring, self.window, lo, start), x[:, :, max(0, lo - start):]], dim=2)
+                q = quantize(src[:, :, :target - self.packed], self.spec)
+                self.data[:, :, self.packed:target] = q.data
+                self.scale[:, :, self._rows(self.packed):self._rows(target)] = q.scale
+                self.minimum[:, :, self._rows(self.packed):self._rows(target)] = q.minimum
+                self.packed = target
+        ring_write(self.ring, self.window, x, start)
+        self.written = total
+
+    def read(self) -> torch.Tensor:
+        """[B, n, written, D] in the model's dtype (eager, after `write`)."""
+        parts = [self.head[:, :, :self.written]]
+        if self.packed:
+            rows = self._rows(self.packed)
+            q = Quantized(self.data[:, :, :self.packed], self.scale[:, :, :rows], self.minimum[:, :, :rows], self.spec)
+            parts.append(dequantize(q, self.ring.dtype))
+        parts.append(ring_read(self.ring, self.window, self.prefix + self.packed, self.written))
+        return torch.cat(parts, dim=2)
+
+    def write_step(self, x: torch.Tensor, position: torch.Tensor) -> None:
+        """Store one token x [B, n, 1, D] at slot `position` (0-d device tensor) with no host read."""
+        self.ring.index_copy_(2, (position % self.window).view(1), x)
+        if self.prefix:
+            slot = position.clamp(max=self.prefix - 1).view(1)
+            self.head.index_copy_(2, slot, torch.where(position < self.prefix, x, self.head.index_select(2, slot)))
+        if self.capacity:
+            self._quantize_due(position + 1)
+
+    def _quantize_due(self, total: torch.Tensor) -> None:
+        """Quantize the group that leaves the residual when the slot count reaches `total` (a device tensor), as
+        `quantized_tokens` says; on other steps the same rows are written back unchanged."""
+        g = self.spec.group
+        beyond = total - self.prefix - self.residual  # slots past the residual
+        due = (beyond >= g) & (beyond % g == 0)
+        first = (beyond - g).clamp(0, self.capacity - g)  # the group's first packed row (when due)
+        tokens = first + torch.arange(g, device=total.device)
+        q = quantize(self.ring.index_select(2, (self.prefix + tokens) % self.window), self.spec)
+        rows = tokens if self.spec.axis == Axis.TOKEN else (first // g).view(1)
+        self.data.index_copy_(2, tokens, torch.where(due, q.data, self.data.index_select(2, tokens)))
+        for t, new in ((self.scale, q.scale), (self.minimum, q.minimum)):
+            t.index_copy_(2, rows, torch.where(due, new, t.index_select(2, rows)))
+
+    def read_static(self, position: torch.Tensor) -> torch.Tensor:
+        """[B, n, length, D] as stored after the token at slot `position` (device tensor; slots past it are
+        arbitrary): sinks, dequantized slots, the ring's recent ones."""
+        slots = torch.arange(self.length, device=position.device)
+        recent = self.ring.index_select(2, slots % self.window)
+        if not self.capacity:
+            return torch.cat([self.head, recent[:, :, self.prefix:]], dim=2) if self.prefix else recent
+        g = self.spec.group
+        packed = (position + 1 - self.prefix - self.residual).clamp(min=0) // g * g
+        rest = recent[:, :, self.prefix + self.capacity:]
+        stored = torch.cat([self.head, dequantize(Quantized(self.data, self.scale, self.minimum, self.spec),
+                                                  self.ring.dtype), rest], dim=2)
+        return torch.where((slots < self.prefix + packed)[:, None], stored, recent)
+
+    def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """As `Slots.kernel_layout`; packed is the capacity (the kernel counts the packed slots on the device)."""
+        return self.head, self.ring, self.prefix, self.capacity, self.window
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.head, self.ring, self.data, self.scale, self.minimum) if t is not None]
+
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        return sum(tensor_bytes(t, float_bytes) for t in self.tensors())
+
+    def used_bytes(self) -> int:
+        """Bytes allocated: a static cache holds its whole length from the start."""
+        return self.nbytes()
+
+    def map_batch(self, fn) -> None:
+        self.head, self.ring = fn(self.head), fn(self.ring)
+        if self.capacity:
+            self.data, self.scale, self.minimum = fn(self.data), fn(self.scale), fn(self.minimum)
+
+
+def spec_groups(specs: list[QuantSpec | None]) -> list[list[int]]:
+    """Positions of the heads stored together (one per distinct spec, in order of first appearance): the groups of
+    a `HeadSlots` built from `specs`."""
+    return [[i for i, s in enumerate(specs) if s == spec] for spec in dict.fromkeys(specs)]
+
+
 class HeadSlots:
     """One layer's keys (or values) of several heads, head i at specs[i] (None: the model's dtype): one `Slots`
     per distinct spec. `read` returns [B, H, total, D] in head order."""
 
-    def __init__(self, specs: list[QuantSpec | None], residual: int, prefix: int, like: torch.Tensor):
+    def __init__(self, specs: list[QuantSpec | None], residual: int, prefix: int, like: torch.Tensor,
+                 length: int | None = None):
+        """length: None for growing `Slots`; a number of slots for `StaticSlots` preallocated to it."""
         self.specs, self.residual = specs, residual
-        self.groups: list[tuple[list[int], Slots]] = []
-        for spec in dict.fromkeys(specs):
-            positions = [i for i, s in enumerate(specs) if s == spec]
-            self.groups.append((positions, Slots(spec, residual, prefix, like[:, :len(positions)])))
+        self.groups: list[tuple[list[int], Slots | StaticSlots]] = []
+        for positions in spec_groups(specs):
+            spec = specs[positions[0]]
+            part = like[:, :len(positions)]
+            slots = Slots(spec, residual, prefix, part) if length is None else StaticSlots(spec, residual, prefix,
+                                                                                          part, length)
+            self.groups.append((positions, slots))
+
+    def _parts(self, x: torch.Tensor):
+        """(slots, x's heads that they hold) per group."""
+        return [(slots, x if len(self.groups) == 1 else x[:, positions]) for positions, slots in self.groups]
 
     def append(self, x: torch.Tensor, flush: bool = True) -> None:
-        for positions, slots in self.groups:
-            slots.append(x if len(self.groups) == 1 else x[:, positions], flush)
+        for slots, part in self._parts(x):
+            slots.append(part, flush)
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        """`StaticSlots` only: store x [B, H, m, D] as slots [start, start + m) (a prompt, eagerly)."""
+        for slots, part in self._parts(x):
+            slots.write(start, part)
+
+    def write_step(self, x: torch.Tensor, position: torch.Tensor) -> None:
+        """`StaticSlots` only: store one token x [B, H, 1, D] at the device slot `position` (a decode step)."""
+        for slots, part in self._parts(x):
+            slots.write_step(part, position)
 
     def flush(self) -> None:
         for _, slots in self.groups:
             slots.flush()
 
     def read(self) -> torch.Tensor:
-        if len(self.groups) == 1:
-            return self.groups[0][1].read()
-        parts = [(positions, slots.read()) for positions, slots in self.groups]
+        return self._in_head_order([(positions, slots.read()) for positions, slots in self.groups])
+
+    def read_static(self, position: torch.Tensor) -> torch.Tensor:
+        """`StaticSlots` only: [B, H, length, D] as stored after the token at device slot `position`."""
+        return self._in_head_order([(positions, slots.read_static(position)) for positions, slots in self.groups])
+
+    def _in_head_order(self, parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+        if len(parts) == 1:
+            return parts[0][1]
         first = parts[0][1]
         out = first.new_empty(first.shape[0], len(self.specs), *first.shape[2:])
         for positions, part in parts:

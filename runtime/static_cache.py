@@ -13,8 +13,9 @@ changes from step to step:
   traces it with no graph break (tested on CPU);
 - a prompt (several tokens) runs eagerly through `PoDLayer.update` and the ordinary attention paths (prefill is
   not captured; it reads the length on the host once per layer).
-Token selection (it reallocates), quantized heads (packed storage is read by the reference path only) and the
-compute skip (data-dependent) are refused.
+Quantized heads (the plan's precision:) keep `QuantizedPoDLayer`'s layout in `StaticSlots`: packed slots for
+the whole length, the recent ones in a ring, the group leaving the residual quantized on the device in the step.
+Token selection (it reallocates) and the compute skip (data-dependent) are refused.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import CacheState, PoDCache, PoDLayer
+from .cache import CacheState, PoDCache, PoDLayer, QuantizedPoDLayer
 from .plan import Plan, PlanError
+from .slots import HeadSlots
 
 
 @dataclass
@@ -61,27 +63,39 @@ class StaticPoDLayer(PoDLayer):
             self.length.fill_(value)
 
     def lazy_initialization(self, key_states, value_states):
+        self.length = torch.zeros((), dtype=torch.long, device=key_states.device)
         super().lazy_initialization(key_states, value_states)
         b, _, _, d = key_states.shape
         new = lambda heads, n: key_states.new_zeros(b, len(heads), n, d)  # noqa: E731
         n = self.max_length
-        self.values, self.anchor_keys = new(self.value_heads, n), new(self.anchor_heads, n)
+        self._allocate_full_heads(new)
         if self.follower_heads:
             self.ring_keys = new(self.follower_heads, min(self.state.window, n))
         for group in self.stream_groups:
             group.ring_k, group.ring_v = new(group.heads, min(group.window, n)), new(group.heads, min(group.window, n))
         self.capacity = n
-        self.length = torch.zeros((), dtype=torch.long, device=key_states.device)
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over the same buffers
             for t in self._buffers():
                 torch._dynamo.mark_static_address(t)
+
+    def _allocate_full_heads(self, new) -> None:
+        """Values and FULL heads' keys for every slot (`new(heads, slots)` makes a zero tensor)."""
+        self.values, self.anchor_keys = new(self.value_heads, self.max_length), new(self.anchor_heads, self.max_length)
+
+    def decode_keys(self, position: torch.Tensor) -> torch.Tensor:
+        """[B, Ha, max_length, D] the FULL heads' keys after the token at slot `position` (for the reference)."""
+        return self.anchor_keys
+
+    def decode_values(self, position: torch.Tensor) -> torch.Tensor:
+        """[B, Hv, max_length, D] the value heads' values after the token at slot `position`."""
+        return self.values
 
     def uses_kernels(self, t: torch.Tensor) -> bool:
         """Whether decode steps run the Triton kernels (`kernels=True`, or None on CUDA tensors)."""
         return bool(self.state.kernels) or (self.state.kernels is None and t.is_cuda)
 
     def _buffers(self) -> list[torch.Tensor]:
-        out = [self.values, self.anchor_keys, self.sink_keys, self.ring_keys, self.length]
+        out = [self.values, self.anchor_keys, self.sink_keys, self.ring_keys, self.length] + self._packed_buffers()
         out += [t for group in self.stream_groups for t in group.tensors()]
         return [t for t in out if t is not None]
 
@@ -108,10 +122,8 @@ class StaticPoDLayer(PoDLayer):
         pos = self.length.clone()  # this token's slot, on the device
         at = pos.view(1)
         rs = self.state.row_starts(key_states.shape[0], key_states.device)
-        if self.value_heads:
-            self.values.index_copy_(2, at, value_states[:, self._value_select])
-        if self.anchor_heads:
-            self.anchor_keys.index_copy_(2, at, key_states[:, self._anchor_select])
+        self._write_step(pos, key_states[:, self._anchor_select] if self.anchor_heads else None,
+                         value_states[:, self._value_select] if self.value_heads else None)
         if self.follower_heads:
             own = key_states[:, self._follower_select]
             self.ring_keys.index_copy_(2, at % self.ring_keys.shape[2], own)
@@ -123,7 +135,60 @@ class StaticPoDLayer(PoDLayer):
             _write_sink(group.sink_k, k, pos, rs)
             _write_sink(group.sink_v, v, pos, rs)
         self.length.add_(1)
-        return StaticStep(self, pos), self.values
+        return StaticStep(self, pos), self._values_for_attention(self.max_length)
+
+    def _write_step(self, position: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
+        """Store one token's FULL-head keys [B, Ha, 1, D] and values [B, Hv, 1, D] at the device slot `position`."""
+        at = position.view(1)
+        if values is not None:
+            self.values.index_copy_(2, at, values)
+        if keys is not None:
+            self.anchor_keys.index_copy_(2, at, keys)
+
+    def _packed_buffers(self) -> list[torch.Tensor]:
+        return []
+
+
+class StaticQuantizedPoDLayer(StaticPoDLayer, QuantizedPoDLayer):
+    """A static layer with quantized heads: `QuantizedPoDLayer`'s storage in `StaticSlots` preallocated for
+    `max_length` (sinks, every packed slot the length can need, a ring of residual + group recent slots). A decode
+    step writes its token and quantizes the group leaving the residual on the device; a prompt runs eagerly (its
+    chunk attends to itself at 16 bits, as in the growing cache)."""
+
+    def __init__(self, layer_idx, specs, state, cache, max_length: int, precisions):
+        self.max_length = max_length
+        self.length = None
+        QuantizedPoDLayer.__init__(self, layer_idx, specs, state, cache, precisions)
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.specs, self.state, self.cache, self.max_length, self.precisions)
+
+    def _new_slots(self, specs, like) -> HeadSlots:
+        return HeadSlots(specs, self.state.residual, self._exact_prefix(), like, length=self.max_length)
+
+    def _allocate_full_heads(self, new) -> None:  # `key_slots` / `value_slots` hold them
+        pass
+
+    def _packed_buffers(self) -> list[torch.Tensor]:
+        return [t for slots in self._slots() for t in slots.tensors()]
+
+    def _write(self, start, total, keys, values) -> None:
+        for slots, new in ((self.key_slots, keys), (self.value_slots, values)):
+            if new is not None:
+                slots.write(start, new)
+        self.fresh = (start, keys, values) if total - start > 1 else None
+
+    def _write_step(self, position, keys, values) -> None:
+        self.fresh = None
+        for slots, new in ((self.key_slots, keys), (self.value_slots, values)):
+            if new is not None:
+                slots.write_step(new, position)
+
+    def decode_keys(self, position: torch.Tensor) -> torch.Tensor:
+        return self.key_slots.read_static(position)
+
+    def decode_values(self, position: torch.Tensor) -> torch.Tensor:
+        return self.value_slots.read_static(position)
 
 
 def _write_sink(dest: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, row_start: torch.Tensor) -> None:
@@ -146,9 +211,6 @@ class StaticPoDCache(PoDCache):
         if plan.selection is not None:
             raise PlanError("the static PoD cache does not run token selection (the plan's selection: reallocates "
                             "the cache); use plan.new_cache(model) without max_length")
-        if plan.quantized:
-            raise PlanError("the static PoD cache does not store quantized heads yet (the plan's precision:); use "
-                            "plan.new_cache(model) without max_length")
         if plan.skip_threshold is not None:
             raise PlanError("the static PoD cache does not run the compute skip (skip_threshold): it decides per "
                             "row on the host; set skip_threshold=None")
@@ -169,4 +231,7 @@ class StaticPoDCache(PoDCache):
         self.planned_tokens += new
 
     def _new_layer(self, layer_idx, specs) -> StaticPoDLayer:
+        precisions = self.plan.layer_precisions(layer_idx)
+        if any(p.quantized for p in precisions):
+            return StaticQuantizedPoDLayer(layer_idx, specs, self.state, self, self.max_length, precisions)
         return StaticPoDLayer(layer_idx, specs, self.state, self, self.max_length)

@@ -166,3 +166,27 @@ def test_chunked_perplexity_reads_the_stored_cache():
         remove_plan(model)
     assert max(abs(a - b) for a, b in zip(runs["16-bit"][0], runs["2-bit"][0])) < 1e-4
     assert max(abs(a - b) for a, b in zip(runs["16-bit"][1], runs["2-bit"][1])) > 1e-3
+
+
+def test_kl_to_the_full_model_by_position_grows_as_bits_fall():
+    """KL(full || method) per position, read as the chunked perplexity reads: zero for the model against itself,
+    zero on the prompt (it attends to itself at 16 bits), above zero after it, larger at 2 bits than at 8."""
+    from ilc.eval.run import by_bucket, kl_by_position, next_token_logits
+    from ilc.runtime import remove_plan
+    from ilc.runtime.bits import HeadPrecision, uniform_precision
+
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, init_range=0.05)
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(0))
+    reference = next_token_logits(model, ids).log_softmax(-1)
+    assert max(kl_by_position(model, ids, reference, prompt=40, chunk=16)) < 1e-5
+    plan = make_plan(model, [[0], [1]], sinks=2, window=8)
+    kl = {}
+    for name in ("K8V8", "K2V2"):
+        p = plan.with_options(precision=uniform_precision(plan.head_table(), HeadPrecision.parse(name, 16), 8))
+        p.apply(model)
+        kl[name] = kl_by_position(model, ids, reference, prompt=40, chunk=16)
+        remove_plan(model)
+        assert max(kl[name][:39]) < 1e-5 and sum(kl[name][40:]) > 0
+    mean = lambda part: sum(part) / len(part)  # noqa: E731
+    assert by_bucket(kl["K8V8"], mean)["all"] < by_bucket(kl["K2V2"], mean)["all"]
+    assert list(by_bucket(kl["K2V2"], mean)) == ["0-119", "all"]

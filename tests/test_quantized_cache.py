@@ -6,12 +6,12 @@ import yaml
 
 from ilc.runtime import Plan, PlanError, cache_report, load_plan, plan_from_dict, remove_plan
 from ilc.runtime.plan import blocks_from_layers, streaming_block
-from ilc.runtime.bits import HeadPrecision, QuantSpec, uniform_precision, vector_bytes
+from ilc.runtime.bits import HeadPrecision, Precision, QuantSpec, vector_bytes
 from ilc.runtime.quant import dequantize, quantize
 from ilc.runtime.selection import Selection
 from ilc.runtime.slots import HeadSlots, Slots
 
-from conftest import make_plan, mixed_plan, tiny_llama
+from conftest import make_plan, mixed_plan, quantized, tiny_llama
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 8), QuantSpec(2, 8, "channel"), QuantSpec(8, 16)])
@@ -41,10 +41,6 @@ def test_head_slots_mix_precisions_in_head_order():
     assert torch.equal(got[:, 1], x[:, 1])
     err = [(got[:, h] - x[:, h]).abs().max() for h in (0, 2)]
     assert 0 < err[0] < err[1]
-
-
-def quantized(plan, name, residual=8, group=8):
-    return plan.with_options(precision=uniform_precision(plan.head_table(), HeadPrecision.parse(name, group), residual))
 
 
 def test_quantized_plan_generates_near_the_16_bit_plan_and_holds_fewer_bytes():
@@ -118,13 +114,13 @@ def test_quantized_streaming_head_and_follower_keys_are_refused():
         plan_from_dict(d)
 
 
-def test_kernels_refuse_quantized_anchors_with_followers_and_the_static_cache_quantized_plans():
+def test_kernels_refuse_quantized_anchors_with_followers_growing_or_static():
     model = tiny_llama(head_dim=16)
     plan = quantized(make_plan(model, [[0, 1], [2, 3]]), "K8V8")
-    with pytest.raises(PlanError, match="followers of quantized anchors"):
-        plan.new_cache(model, kernels=True)
-    with pytest.raises(PlanError, match="quantized"):
-        plan.new_cache(model, max_length=64)
+    for options in ({}, dict(max_length=64)):
+        with pytest.raises(PlanError, match="followers of quantized anchors"):
+            plan.new_cache(model, kernels=True, **options)
+    assert plan.new_cache(model, max_length=64).max_length == 64  # the reference path serves them
 
 
 def test_quantized_decode_through_the_kernels_matches_the_reference(monkeypatch):
@@ -152,3 +148,9 @@ def test_quantized_decode_through_the_kernels_matches_the_reference(monkeypatch)
     assert len(launches) == 3 * 3  # 3 decode steps x 3 layers with full heads (one precision each)
     assert torch.equal(runs[True][0], runs[False][0])
     assert (runs[True][1] - runs[False][1]).abs().max() < 1e-3
+
+
+def test_a_precision_section_has_one_group_size():
+    with pytest.raises(ValueError, match="one group size"):
+        Precision(((HeadPrecision(8, 8, group=8), HeadPrecision(8, 8, group=16)),))
+    assert Precision(((HeadPrecision(4, 4, group=16),),)).group == 16

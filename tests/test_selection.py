@@ -44,6 +44,10 @@ def expected_kept(qs, ks, plan, sel, t0, row_start):
                     pad = sel.pool // 2
                     padded = torch.cat([torch.zeros(pad), score, torch.zeros(pad)]).double()
                     score = torch.stack([padded[j:j + sel.pool].sum() for j in range(t0)]) / sel.pool
+                elif sel.scorer == "spans":  # max pooling, ties broken by the token's own score
+                    pad = sel.pool // 2
+                    padded = torch.cat([torch.full((pad,), -torch.inf), score, torch.full((pad,), -torch.inf)])
+                    score = torch.stack([padded[j:j + sel.pool].max() for j in range(t0)]) + 1e-3 * score
                 candidates = torch.arange(rs + s, t0 - w)
                 top = candidates[score[candidates].topk(budget).indices]
                 keep[rs:rs + s] = True
@@ -60,7 +64,7 @@ def expected_kept(qs, ks, plan, sel, t0, row_start):
     return kept
 
 
-@pytest.mark.parametrize("scorer", ["snapkv", "tova"])
+@pytest.mark.parametrize("scorer", ["snapkv", "spans", "tova"])
 @pytest.mark.parametrize("pad", [0, 4, 10])  # 10: the padded row is short enough to keep all its tokens
 @pytest.mark.parametrize("kinds", ["shared", "mixed"])
 def test_selection_keeps_the_chosen_tokens_and_matches_brute_force(scorer, pad, kinds):
@@ -98,6 +102,26 @@ def test_selection_keeps_the_chosen_tokens_and_matches_brute_force(scorer, pad, 
                 rs_stored = 0 if cache.state.row_start is None else int(cache.state.row_start[row])
                 want_v = vs[l][row, kv, :t0][kept[l][row][kv]]
                 assert torch.equal(stored[rs_stored:], want_v), (l, kv, row)
+
+
+def test_spans_scorer_keeps_the_neighbourhood_of_a_read_token_whole():
+    """One token the observing queries read (a needle's first digit): SnapKV's average pooling spreads a share of
+    its score to its neighbours, the spans scorer gives each of them the token's score, so a budget of one pool
+    keeps exactly that span."""
+    from ilc.runtime.selection import token_scores
+
+    torch.manual_seed(0)
+    d, t, w, peak = 16, 80, 8, 30
+    keys = torch.randn(1, 1, t, d) * 0.1
+    query = torch.randn(d)
+    keys[0, 0, peak] = query * 3  # read by every observing query
+    queries = query.expand(1, 1, 2, w, d) + 0.01 * torch.randn(1, 1, 2, w, d)
+    rs = torch.zeros(1, dtype=torch.long)
+    spans = token_scores(queries, keys, rs, 1.0, Selection(keep=0.2, scorer="spans", window=w, pool=7))[0, 0]
+    top = spans[:t - w].topk(7).indices.sort().values
+    assert top.tolist() == list(range(peak - 3, peak + 4))
+    avg = token_scores(queries, keys, rs, 1.0, Selection(keep=0.2, scorer="snapkv", window=w, pool=7))[0, 0]
+    assert spans[peak + 3] > 0.5 * spans[peak] and avg[peak + 3] < 0.2 * spans[peak]
 
 
 def test_budget_covering_the_prompt_reproduces_the_plan_exactly():

@@ -6,18 +6,29 @@ import torch
 
 from ilc.runtime import PlanError, remove_plan
 from ilc.runtime.heads import Selection
-from ilc.runtime.static_cache import StaticPoDCache
+from ilc.runtime.static_cache import StaticPoDCache, StaticQuantizedPoDLayer
 
-from conftest import mixed_plan, tiny_llama
+from conftest import mixed_plan, quantized, served_plan, tiny_llama
 
 
-@pytest.fixture(params=[False, True], ids=["reference", "triton"])
+def quantized_plan(model, kernels: bool):
+    """Quantized heads at three precisions (residual 8, groups of 8): the mixed plan (followers keep their anchors'
+    packed keys) on the reference path; full and streaming heads only for the kernels (they do not run followers
+    of quantized anchors)."""
+    base = served_plan(model, {(1, 0): 4, (3, 2): 2, (4, 1): 7}, sinks=3) if kernels else mixed_plan(model, 3, 5)
+    return quantized(base, "K4cV2", "K8V4", "K2V2")
+
+
+@pytest.fixture(params=[(False, False), (True, False), (False, True), (True, True)],
+                ids=["reference", "triton", "quantized-reference", "quantized-triton"])
 def planned(request):
-    """A mixed plan (full, follower and streaming heads in one layer) applied with the PyTorch reference or with
-    the Triton kernels (the CPU interpreter here: TRITON_INTERPRET=1, set in conftest)."""
+    """A mixed plan (full, follower and streaming heads in one layer), or a quantized plan (`quantized_plan`),
+    applied with the PyTorch reference or with the Triton kernels (the CPU interpreter here: TRITON_INTERPRET=1,
+    set in conftest)."""
+    kernels, bits = request.param
     model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=16)
-    plan = mixed_plan(model, sinks=3, window=5)
-    plan.apply(model, kernels=request.param)
+    plan = quantized_plan(model, kernels) if bits else mixed_plan(model, sinks=3, window=5)
+    plan.apply(model, kernels=kernels)
     yield model, plan
     remove_plan(model)
 
@@ -47,6 +58,34 @@ def test_static_cache_generates_what_the_growing_cache_does(mode, kernels):
     assert torch.equal(growing.sequences, static.sequences)
     for a, b in zip(growing.logits, static.logits):  # 12 steps past every window: rings have wrapped
         assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "triton"])
+def test_static_quantized_cache_generates_what_the_growing_cache_does(kernels):
+    """Packed slots in a static cache: decode steps quantize each group as it leaves the residual, on the device,
+    at the growing cache's boundaries; 40 steps with left padding cross several groups. The same tokens and logits
+    as the growing quantized cache, and not those of the 16-bit plan (quantization really ran)."""
+    model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=16)
+    plan = quantized_plan(model, kernels)
+    torch.manual_seed(0)
+    x = torch.randint(3, 90, (2, 30))
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    steps = 24 if kernels else 40  # the Triton interpreter is slow; 24 steps still quantize three groups
+    kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+              output_logits=True)
+    outputs = {}
+    for name, run_plan, options in (("16-bit", plan.with_options(precision=None), {}), ("growing", plan, {}),
+                                    ("static", plan, dict(max_length=80))):
+        run_plan.apply(model, kernels=kernels if name == "static" else False)
+        cache = run_plan.new_cache(model, **options)
+        outputs[name] = model.generate(x, past_key_values=cache, **kw)
+        remove_plan(model)
+    assert isinstance(cache, StaticPoDCache) and isinstance(cache.layers[0], StaticQuantizedPoDLayer)
+    growing, static = outputs["growing"], outputs["static"]
+    assert torch.equal(growing.sequences, static.sequences)
+    assert max((a - b).abs().max() for a, b in zip(growing.logits, static.logits)) < 1e-5
+    assert max((a - b).abs().max() for a, b in zip(growing.logits, outputs["16-bit"].logits)) > 1e-4
 
 
 class _nothing:
@@ -130,11 +169,19 @@ def test_decode_step_reads_nothing_on_the_host(planned, monkeypatch):
 
 
 def test_static_cache_holds_the_plans_bytes_for_max_length(planned):
+    """Preallocated once, no growth slack. A quantized side keeps in its ring the group being quantized beside
+    the residual: one group of 16-bit slots more than `kv_bytes` counts at a length where the groups fill up."""
     model, plan = planned
-    cache, _ = _prefill(model, plan, max_length=96)
-    _, planned_bytes = plan.kv_bytes(96, batch=2, dtype_bytes=4)
-    assert cache.nbytes() == planned_bytes  # preallocated once, no growth slack
-    with pytest.raises(PlanError, match="holds 96 tokens"):
+    length = 3 + 8 + 8 * 10  # sinks + residual + whole groups (quantized plans: residual 8, groups of 8)
+    cache, _ = _prefill(model, plan, max_length=length)
+    cache.release_prompt()  # the prompt's 16-bit copy (a quantized layer's `fresh`), as the first decode step does
+    _, planned_bytes = plan.kv_bytes(length, batch=2, dtype_bytes=4)
+    ring_group = 2 * 8 * 16 * 4  # batch x group x head_dim x fp32
+    sides = sum(len(positions) for layer in cache.layers for slots in getattr(layer, "_slots", list)()
+                for positions, part in slots.groups if part.spec is not None)
+    assert cache.nbytes() == planned_bytes + sides * ring_group
+    assert (sides > 0) == plan.quantized
+    with pytest.raises(PlanError, match=f"holds {length} tokens"):
         with torch.no_grad():
             model(torch.randint(3, 90, (2, 70)), past_key_values=cache)
 

@@ -118,19 +118,42 @@ def perplexity_by_position(model, input_ids: torch.Tensor, prompt: int | None = 
     the first `prompt` tokens as a prompt, the cache's token selection run on them (as the first decode step would),
     then the rest fed `chunk` tokens at a time, so that later positions read the cache as it is stored (dropped,
     selected and quantized tokens) rather than the 16-bit prompt a single prefill attends to."""
+    logits = next_token_logits(model, input_ids, prompt, chunk)
+    return torch.nn.functional.cross_entropy(logits, input_ids[0, 1:].to(logits.device), reduction="none").tolist()
+
+
+def kl_by_position(model, input_ids: torch.Tensor, reference: torch.Tensor, prompt: int | None = None,
+                   chunk: int = 64) -> list[float]:
+    """KL(reference || model) of the next-token distributions at every position, in nats; `reference` [T - 1, V]
+    log-probabilities (the full model's, from `next_token_logits(...).log_softmax(-1)`), read as
+    `perplexity_by_position` reads."""
+    logp = next_token_logits(model, input_ids, prompt, chunk).log_softmax(-1)
+    ref = reference.to(logp.device)
+    return (ref.exp() * (ref - logp)).sum(-1).clamp_min(0).tolist()
+
+
+@torch.no_grad()
+def next_token_logits(model, input_ids: torch.Tensor, prompt: int | None = None, chunk: int = 64) -> torch.Tensor:
+    """[T - 1, V] fp32 logits for tokens 1..T-1 of input_ids [1, T] (see `perplexity_by_position` for `prompt`)."""
     ids = input_ids.to(model.device)
     if prompt is None:
-        logits = model(ids, use_cache=True).logits[0, :-1].float()
-        return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
+        return model(ids, use_cache=True).logits[0, :-1].float()
     out = model(ids[:, :prompt], use_cache=True)
-    cache, parts = out.past_key_values, [out.logits[0]]
+    cache, parts = out.past_key_values, [out.logits[0].float()]
     if isinstance(cache, PoDCache):
         cache.select()
     for lo in range(prompt, ids.shape[1], chunk):
         out = model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True)
-        parts.append(out.logits[0])
-    logits = torch.cat(parts)[:-1].float()
-    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
+        parts.append(out.logits[0].float())
+    return torch.cat(parts)[:-1]
+
+
+def by_bucket(values: list[float], reduce) -> dict[str, float]:
+    """{"lo-hi": reduce(values in the bucket)} over `PPL_BUCKETS`, and "all"."""
+    out = {f"{lo}-{min(hi, len(values))}": reduce(values[lo:hi]) for lo, hi in zip(PPL_BUCKETS, PPL_BUCKETS[1:])
+           if values[lo:hi]}
+    out["all"] = reduce(values)
+    return out
 
 
 def run_perplexity(model, plan: Plan, methods: list[str], input_ids: torch.Tensor, out_dir: str | Path,
@@ -142,13 +165,7 @@ def run_perplexity(model, plan: Plan, methods: list[str], input_ids: torch.Tenso
     for method in methods:
         with applied(method, model, plan, input_ids.shape[1], adapted_model) as chosen:
             nll = perplexity_by_position(chosen, input_ids, prompt)
-        buckets = {}
-        for lo, hi in zip(PPL_BUCKETS, PPL_BUCKETS[1:]):
-            part = nll[lo:hi]
-            if part:
-                buckets[f"{lo}-{min(hi, len(nll))}"] = math.exp(sum(part) / len(part))
-        buckets["all"] = math.exp(sum(nll) / len(nll))
-        out[method] = buckets
+        out[method] = by_bucket(nll, lambda part: math.exp(sum(part) / len(part)))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     Path(out_dir, "perplexity.json").write_text(json.dumps(out, indent=1))
     return out
