@@ -136,8 +136,9 @@ def test_quantized_decode_through_the_kernels_matches_the_reference(monkeypatch)
     mask = torch.ones_like(x)
     mask[1, :5] = 0
     launches = []
-    kernel = dispatch.quantized_decode_attention
-    monkeypatch.setattr(dispatch, "quantized_decode_attention", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    kernel = dispatch.ops.quantized_decode_attention
+    monkeypatch.setattr(dispatch.ops, "quantized_decode_attention",
+                        lambda *a, **k: launches.append(1) or kernel(*a, **k))
     runs = {}
     for kernels in (False, True):
         plan.apply(model, kernels=kernels)
