@@ -5,8 +5,9 @@ read 64 tokens at a time, so that positions after 1024 read the cache as stored:
 
 Calibrates once (`ilc calibrate smollm2-135m --seq-len 4096 --precision K8V8,K4cV4,K4cV2,K2cV2`) and chooses each
 plan from the same records with `regroup`: what that command writes with --target-saving 0.755 (the 75% plan),
-0.905 (the 90% plan), 0.91 --keep 0.25 [--scorer replay] [--selection-window 16] (90% with token selection), 0.91
---keep 0.2 --precision K8V8,K4cV4 (90% with selection and no 2-bit values), or 0.5. Every step resumes from its results.jsonl.
+0.905 (the 90% plan), 0.91 --keep 0.25 [--scorer replay] [--selection-window 16 [--selection-pool 31]] (90% with
+token selection), 0.91 --keep 0.2 --precision K8V8,K4cV4 (90% with selection and no 2-bit values), or 0.5. Every
+step resumes from its results.jsonl, and a plan-NAME.yaml already in --out is used as it is.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/bits_plans.py --out docs/bits --haystack ../shared/data/pg_essays
 (one thread: the kvpress peers run beside it on the other core)
@@ -30,19 +31,26 @@ from ilc.eval.report import summarize
 from ilc.eval.methods import applied
 from ilc.eval.run import by_bucket, held_bytes, kl_by_position, next_token_logits, run, run_perplexity
 from ilc.models import load_model, weights_dir
+from ilc.runtime import load_plan
 from ilc.runtime.bits import HeadPrecision
 
 SEQ_LEN = 4096
 PRECISIONS = ("K8V8", "K4cV4", "K4cV2", "K2cV2")
-# name -> (target saving, token selection keep or None); 75 and 90 are committed under plans/. The targets are a
-# little above 75% / 90%: a real cache holds its growth slack too (0.4% at 4k), and the plans must hold >= 75% / 90%
-PLANS = {"75": (0.755, None, "snapkv"), "90": (0.905, None, "snapkv"), "90-keep": (0.91, 0.25, "snapkv"),
-         "90-keep-4bit": (0.91, 0.2, "snapkv", ("K8V8", "K4cV4")),  # no 2-bit values: exact digits survive
-         "90-replay": (0.91, 0.25, "replay"), "50": (0.5, None, "snapkv"),
-         "90-keep-w16": (0.91, 0.25, "snapkv", PRECISIONS, 16)}  # the last 16 prompt queries score the tokens
+# name -> `settings` arguments: (target saving, token selection keep or None, scorer[, precisions, selection window,
+# pool]); the plans before the pool's default became 31 pooled over 15. 75 and 90-keep-w16-p31 are committed under
+# plans/. The targets are a little above 75% / 90%: a real cache holds its growth slack too (0.4% at 4k), and the
+# plans must hold >= 75% / 90%
+PLANS = {"75": (0.755, None, "snapkv"), "90": (0.905, None, "snapkv"),
+         "90-keep": (0.91, 0.25, "snapkv", PRECISIONS, 64, 15),
+         "90-keep-4bit": (0.91, 0.2, "snapkv", ("K8V8", "K4cV4"), 64, 15),  # no 2-bit values: exact digits survive
+         "90-replay": (0.91, 0.25, "replay", PRECISIONS, 64, 15), "50": (0.5, None, "snapkv"),
+         "90-keep-w16": (0.91, 0.25, "snapkv", PRECISIONS, 16, 15),  # the last 16 prompt queries score the tokens
+         "90-keep-w16-p31": (0.91, 0.25, "snapkv", PRECISIONS, 16, 31)}  # ... pooled over 31 tokens, not 15
 # (plan, method, what) in the order they run: "all" = NIAH / RULER on the 20 prompts, perplexity and KL to the full
-# model by position; "ppl" = perplexity and KL only (one 4k text). The plans first, then the baselines beside them (2 CPU cores: hours).
+# model by position; "ppl" = perplexity and KL only (one 4k text). The plans first, then the baselines beside them
+# (2 CPU cores: hours).
 JOBS = (("75", "plan", "all"), ("90", "plan", "all"), ("90-keep", "plan", "all"), ("90-keep-w16", "plan", "all"),
+        ("90-keep-w16-p31", "plan", "all"),
         ("90-keep-4bit", "plan", "all"),
         ("50", "plan", "ppl"), ("75", "int4", "ppl"), ("75", "streaming-equal", "ppl"),
         ("90-keep", "streaming-equal", "ppl"), ("90-keep", "int2", "ppl"))
@@ -50,13 +58,15 @@ PPL_PROMPT = 1024  # perplexity: the text's first 1024 tokens are the prompt, th
 QUANTIZED_ALONE = {"int8": "K8V8", "int4": "K4cV4", "int2": "K2cV2"}
 LABELS = {"75": "ilc 75%", "90": "ilc 90%, no selection", "90-keep": "ilc 90% + selection 25%",
           "90-keep-4bit": "ilc 90% + selection 20%, no 2-bit values", "90-replay": "ilc 90% + replay selection 25%",
-          "50": "ilc 50%", "90-keep-w16": "ilc 90% + selection 25%, 16 observing queries"}
+          "50": "ilc 50%", "90-keep-w16": "ilc 90% + selection 25%, 16 observing queries",
+          "90-keep-w16-p31": "ilc 90% + selection 25%, 16 observing queries, pool 31"}
 
 
 def settings(target: float, keep: float | None = None, scorer: str = "snapkv",
-             precision: tuple[str, ...] = PRECISIONS, selection_window: int = 64) -> CalibrationSettings:
+             precision: tuple[str, ...] = PRECISIONS, selection_window: int = 64,
+             selection_pool: int = CalibrationSettings.selection_pool) -> CalibrationSettings:
     return CalibrationSettings(seq_len=SEQ_LEN, target_saving=target, precision=precision, keep=keep, scorer=scorer,
-                               selection_window=selection_window)
+                               selection_window=selection_window, selection_pool=selection_pool)
 
 
 def evaluate(model, tok, plan, method, samples, out_dir: Path, ppl_ids, what: str, reference) -> dict:
@@ -164,9 +174,10 @@ def main(out: str, haystack: str | None, jobs):
     rows = [dict(row("full model", result.plan, full), kinds="", saved_4k=0.0)]
     plans = {}
     for name, method, what in jobs:
-        if name not in plans:
-            plans[name] = regroup(result, settings(*PLANS[name]), SEQ_LEN)
-            plans[name].save(out_dir / f"plan-{name}.yaml")
+        if name not in plans:  # a plan written by an earlier run is reused (a recalibration can differ in the
+            path = out_dir / f"plan-{name}.yaml"  # last digit of an error, and the records name the plan's digest)
+            plans[name] = load_plan(path) if path.exists() else regroup(result, settings(*PLANS[name]), SEQ_LEN)
+            plans[name].save(path)
         s = evaluate(model, tok, plans[name], method, samples, out_dir / f"plan-{name}", ppl_ids, what, reference)
         label = {"plan": LABELS[name], "streaming-equal": f"StreamingLLM at the bytes of '{LABELS[name]}'"}.get(
             method, f"{method} alone ({QUANTIZED_ALONE.get(method)} every head, ilc runtime)")

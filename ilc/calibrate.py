@@ -116,6 +116,8 @@ class CalibrationSettings:
     scorer: str = option("snapkv", "token selection's scoring rule", choices=lambda: SCORERS)
     selection_window: int = option(64, "token selection: recent tokens always kept and the queries that score; at "
                                    "least the followers' window")
+    selection_pool: int = option(Selection.pool, "token selection: width of the pooling over the scores (odd; 1 = "
+                                 "none); a wider pool keeps whole neighbourhoods of well-read tokens")
     precision: tuple[str, ...] = option((), "mixed plans: precisions a shared block may store its keys and values "
                                         "at besides 16-bit, a comma list of K<bits>[c]V<bits> (bits 8, 4, 2; c: keys "
                                         "grouped per channel), e.g. K8V8,K4cV4,K4cV2; each priced per head by the "
@@ -132,7 +134,7 @@ class CalibrationSettings:
         """The plan's `Selection` (None without --keep)."""
         if self.keep is None:
             return None
-        return Selection(keep=self.keep, scorer=self.scorer, window=self.selection_window)
+        return Selection(keep=self.keep, scorer=self.scorer, window=self.selection_window, pool=self.selection_pool)
 
     @property
     def precisions(self) -> tuple[HeadPrecision, ...]:
@@ -165,6 +167,9 @@ class CalibrationSettings:
             raise OptionError(f"--mode must be one of {', '.join(enum_words(Mode))}, got {self.mode!r}")
         if self.scorer not in SCORERS:
             raise OptionError(f"--scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        if self.selection_pool % 2 == 0:
+            raise OptionError(f"--selection-pool must be odd (the pool is centred on each token), got "
+                              f"{self.selection_pool}")
         for name in self.precision:
             try:
                 HeadPrecision.parse(name)

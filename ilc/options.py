@@ -63,6 +63,7 @@ RANGES = {
     "max_error": Range(0, 1),
     "keep": Range(0, 1, lo_open=True, hi_open=True),  # share of the distant tokens token selection keeps
     "selection_window": Range(1),
+    "selection_pool": Range(1),
     "residual": Range(0),
     "retrieval_samples": Range(0),
     "seed": Range(0),

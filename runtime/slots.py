@@ -264,10 +264,6 @@ class StaticSlots:
     def nbytes(self, float_bytes: int | None = None) -> int:
         return sum(tensor_bytes(t, float_bytes) for t in self.tensors())
 
-    def used_bytes(self) -> int:
-        """Bytes allocated: a static cache holds its whole length from the start."""
-        return self.nbytes()
-
     def map_batch(self, fn) -> None:
         self.head, self.ring = fn(self.head), fn(self.ring)
         if self.capacity:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .bits import head_bytes
 from .cache import CacheState, PoDCache, PoDLayer, QuantizedPoDLayer
 from .plan import Plan, PlanError
 from .slots import HeadSlots
@@ -183,6 +184,15 @@ class StaticQuantizedPoDLayer(StaticPoDLayer, QuantizedPoDLayer):
         for slots, new in ((self.key_slots, keys), (self.value_slots, values)):
             if new is not None:
                 slots.write_step(new, position)
+
+    def used_bytes(self) -> int:
+        """Bytes the layout must keep for the tokens seen (the savings formula, `bits.head_bytes`); `nbytes` counts
+        what is preallocated for `max_length`."""
+        if not self.is_initialized:
+            return 0
+        return self.batch * sum(head_bytes(spec, precision, self.seen, self.state.sinks, self.head_dim,
+                                           self.state.residual, None, self.dtype.itemsize)
+                                for spec, precision in zip(self.specs, self.precisions))
 
     def decode_keys(self, position: torch.Tensor) -> torch.Tensor:
         return self.key_slots.read_static(position)

@@ -168,9 +168,10 @@ def test_keep_adds_selection_priced_into_the_target(tmp_path):
     """--keep: full heads are priced as selection leaves them, so a 90% target is met with fewer streaming heads
     than selection-free pricing would need; the plan records the selection and its bytes are the formula's."""
     result, model = run(target_saving=0.6)
-    settings = dict(seq_len=256, max_group_size=4, selection_window=16)
+    settings = dict(seq_len=256, max_group_size=4, selection_window=16, selection_pool=7)
     with_sel = regroup(result, CalibrationSettings(target_saving=0.75, keep=0.1, **settings), 256)
-    assert with_sel.selection is not None and (with_sel.selection.keep, with_sel.selection.window) == (0.1, 16)
+    assert with_sel.selection is not None
+    assert (with_sel.selection.keep, with_sel.selection.window, with_sel.selection.pool) == (0.1, 16, 7)
     assert with_sel.kind_counts()["follower"] == 0  # a 16-token selection window is below the followers' window
     assert with_sel.criterion["kinds"] == ["streaming"]  # recorded as priced: followers were not an option
     assert with_sel.estimated_saving(256) >= 0.75 - 1e-9
@@ -181,6 +182,8 @@ def test_keep_adds_selection_priced_into_the_target(tmp_path):
         CalibrationSettings(target_saving=0.3, keep=0.1, kinds=("follower",)).validate()
     with pytest.raises(OptionError, match="keep"):
         CalibrationSettings(keep=1.5).validate()
+    with pytest.raises(OptionError, match="--selection-pool must be odd"):
+        CalibrationSettings(keep=0.5, selection_pool=16).validate()
 
 
 def test_precision_is_priced_and_chosen_beside_kinds(tmp_path):

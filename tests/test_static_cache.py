@@ -4,7 +4,7 @@ host sync in a decode step, and exactly the plan's bytes for its max_length."""
 import pytest
 import torch
 
-from ilc.runtime import PlanError, remove_plan
+from ilc.runtime import PlanError, cache_report, remove_plan
 from ilc.runtime.heads import Selection
 from ilc.runtime.static_cache import StaticPoDCache, StaticQuantizedPoDLayer
 
@@ -169,11 +169,13 @@ def test_decode_step_reads_nothing_on_the_host(planned, monkeypatch):
 
 
 def test_static_cache_holds_the_plans_bytes_for_max_length(planned):
-    """Preallocated once, no growth slack. A quantized side keeps in its ring the group being quantized beside
-    the residual: one group of 16-bit slots more than `kv_bytes` counts at a length where the groups fill up."""
+    """Preallocated once, no growth slack; what the tokens seen need (`used`) is the formula's bytes. A quantized
+    side keeps in its ring the group being quantized beside the residual: one group of 16-bit slots more than
+    `kv_bytes` counts at a length where the groups fill up."""
     model, plan = planned
     length = 3 + 8 + 8 * 10  # sinks + residual + whole groups (quantized plans: residual 8, groups of 8)
     cache, _ = _prefill(model, plan, max_length=length)
+    assert cache_report(cache).used == plan.kv_bytes(30, batch=2, dtype_bytes=4)[1]  # the 30 prompt tokens' layout
     cache.release_prompt()  # the prompt's 16-bit copy (a quantized layer's `fresh`), as the first decode step does
     _, planned_bytes = plan.kv_bytes(length, batch=2, dtype_bytes=4)
     ring_group = 2 * 8 * 16 * 4  # batch x group x head_dim x fp32
