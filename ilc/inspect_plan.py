@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ilc.runtime.bits import DEFAULT_RESIDUAL, head_bytes
-from ilc.runtime.heads import BlockKind, HeadKind, HeadSpec, Mode, dense_vectors
+from ilc.runtime.heads import SCORERS, BlockKind, HeadKind, HeadSpec, Mode, dense_vectors
 from ilc.runtime.plan import Plan
 
 from .options import check_plot_path, check_ranges, check_writable, option, plot_path
@@ -187,10 +187,12 @@ def _selection_lines(plan: Plan) -> list[str]:
     if not plan.selection:
         return []
     sel = plan.selection
+    pooling = SCORERS[sel.scorer].pooling
+    pooled = f", {pooling}-pooled over {sel.pool} tokens" if pooling and sel.pool > 1 else ""
     return [f"selection: {sel.scorer} at the end of prefill: full heads keep {plan.sinks} sinks + the last "
             f"{sel.window} tokens + the best {sel.keep:.0%} of the others (scored by the last {sel.observation} "
-            "prompt queries); followers keep their anchor's tokens, streaming heads are unaffected; tokens after "
-            "the prompt are all kept"]
+            f"prompt queries{pooled}); followers keep their anchor's tokens, streaming heads are unaffected; tokens "
+            "after the prompt are all kept"]
 
 
 def _adapted_lines(plan: Plan) -> list[str]:

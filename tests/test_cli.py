@@ -34,6 +34,13 @@ def test_inspect_shows_bits_per_head_and_bytes_with_scales(tmp_path, capsys):
     assert saved in out and quantized.estimated_saving(4096) > plan.estimated_saving(4096) + 0.3
 
 
+def test_inspect_explains_the_plans_token_selection(capsys):
+    plan = PLAN.parent / "smollm2-135m-90pct.yaml"
+    assert main(["inspect", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert ("the best 25% of the others (scored by the last 16 prompt queries, avg-pooled over 31 tokens)" in out)
+
+
 def test_inspect_plot_writes_png(tmp_path):
     png = tmp_path / "plan.png"
     assert main(["inspect", str(PLAN), "--plot", str(png)]) == 0
