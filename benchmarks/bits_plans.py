@@ -176,8 +176,11 @@ def main(out: str, haystack: str | None, jobs):
     for name, method, what in jobs:
         if name not in plans:  # a plan written by an earlier run is reused (a recalibration can differ in the
             path = out_dir / f"plan-{name}.yaml"  # last digit of an error, and the records name the plan's digest)
-            plans[name] = load_plan(path) if path.exists() else regroup(result, settings(*PLANS[name]), SEQ_LEN)
-            plans[name].save(path)
+            if path.exists():
+                plans[name] = load_plan(path)
+            else:
+                plans[name] = regroup(result, settings(*PLANS[name]), SEQ_LEN)
+                plans[name].save(path)
         s = evaluate(model, tok, plans[name], method, samples, out_dir / f"plan-{name}", ppl_ids, what, reference)
         label = {"plan": LABELS[name], "streaming-equal": f"StreamingLLM at the bytes of '{LABELS[name]}'"}.get(
             method, f"{method} alone ({QUANTIZED_ALONE.get(method)} every head, ilc runtime)")

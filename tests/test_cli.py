@@ -38,7 +38,7 @@ def test_inspect_explains_the_plans_token_selection(capsys):
     plan = PLAN.parent / "smollm2-135m-90pct.yaml"
     assert main(["inspect", str(plan)]) == 0
     out = capsys.readouterr().out
-    assert ("the best 25% of the others (scored by the last 16 prompt queries, avg-pooled over 31 tokens)" in out)
+    assert "the best 25% of the others (scored by the last 16 prompt queries, avg-pooled over 31 tokens)" in out
 
 
 def test_inspect_plot_writes_png(tmp_path):
