@@ -30,7 +30,7 @@ from .attention_stats import record_sample, recording, sample_rows
 from .data import load_calibration_set, read_documents, default_corpus, retrieval_samples
 from .models import DEFAULT_DEVICE, DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, model_context
 from .options import OptionError, check_context, enum_words, option
-from .precision import precision_error
+from .precision import precision_error, streaming_precision_error
 from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
@@ -221,7 +221,7 @@ class CalibrationResult:
     windows: WindowChoice
     streaming_error: np.ndarray | None = None  # [Hkv, L, len(streaming_windows)] (mixed plans)
     streaming_windows: tuple[int, ...] = ()
-    precision_error: dict | None = None  # precision name -> [Hkv, L] (with --precision)
+    precision_error: dict | None = None  # precision name -> [Hkv, L]; (name, window) -> [Hkv, L] of a streaming head
 
 
 def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_name: str | None = None,
@@ -291,6 +291,9 @@ def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model
     prec_err = None
     if settings.precision:
         prec_err = precision_error(records, choice.sinks, settings.residual, list(settings.precisions[1:]))
+        if settings.mixed:
+            prec_err.update(streaming_precision_error(records, choice.sinks, settings.residual, windows,
+                                                      list(settings.precisions[1:])))
     signature = model_signature(model, name=source_name)
     per_head, chosen, precision = plan_heads(sim, stream_err, windows, settings, target_context, choice.sinks,
                                              choice.window, prec_err, signature.head_dim)
@@ -388,7 +391,8 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
     selection drops (at no priced error: selection's loss is not measured here), so the choices are made on what
     each option saves beyond that, towards the rest of the target. Followers need values for their whole window,
     so with a selection window below it, heads are full or streaming. With --precision, each shared block also
-    chooses its bits (`grouping.assign_head`), priced by `prec_err` {name: [Hkv, L]}."""
+    chooses its bits (`grouping.assign_head`), priced by `prec_err` {name: [Hkv, L]}, and so does each streaming
+    head whose window reaches past the residual ({(name, window): [Hkv, L]})."""
     if not settings.mixed:
         return plan_blocks(sim, settings, target_context, sinks + window), {"kinds": [HeadKind.FOLLOWER.label]}, None
     hkv, n, _ = sim.shape
@@ -437,8 +441,10 @@ def _head_options(sim: np.ndarray, stream_err: np.ndarray, windows: tuple[int, .
     full, follower = HeadSpec(HeadKind.FULL, 0, 0), HeadSpec(HeadKind.FOLLOWER, 0, window)
     base = saving(full)  # what selection alone saves per head
     follower_saving = saving(follower) - base
-    stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w)) for w in windows]) - base
     precisions = settings.precisions
+    streams = [(w, FULL_PRECISION) for w in windows] + [(w, p) for w in windows for p in precisions[1:]
+                                                        if (p.name, w) in (prec_err or {})]
+    stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w), p) for w, p in streams]) - base
     anchor_saving = np.array([saving(full, p) for p in precisions]) - base
     values_only = [HeadPrecision(16, p.value_bits, group=p.group) for p in precisions]
     follower_precision_saving = np.array([saving(follower, p) for p in values_only]) - base - follower_saving
@@ -448,20 +454,25 @@ def _head_options(sim: np.ndarray, stream_err: np.ndarray, windows: tuple[int, .
     options = []
     for h in range(hkv):
         errors = np.stack([np.zeros(n)] + [prec_err[p.name][h] for p in precisions[1:]])
-        options.append(grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_err[h], stream_saving, windows,
-                                            allowed, tuple(p.name for p in precisions), errors, anchor_saving,
-                                            follower_precision_saving))
+        stream_errors = np.concatenate([stream_err[h]] + [prec_err[p.name, w][h][:, None] for w, p in
+                                                          streams[len(windows):]], axis=1)
+        options.append(grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_errors, stream_saving,
+                                            tuple(w for w, _ in streams), allowed, tuple(p.name for p in precisions),
+                                            errors, anchor_saving, follower_precision_saving,
+                                            tuple(p.name for _, p in streams)))
     return options, base
 
 
 def _precision_of_segments(segments, num_layers: int, settings: CalibrationSettings) -> Precision:
     """The plan's precision section: a shared block's anchor at its precision, its followers at its value bits,
-    streaming heads at 16 bits."""
+    a streaming head at its own."""
     heads = []
     for segs in segments:
         row = [FULL_PRECISION] * num_layers
         for seg in segs:
-            if seg.streaming_window is None:
+            if seg.streaming_window is not None:
+                row[seg.layers[0]] = HeadPrecision.parse(seg.precision)
+            else:
                 p = HeadPrecision.parse(seg.precision)
                 row[seg.layers[0]] = p
                 for layer in seg.layers[1:]:

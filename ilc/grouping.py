@@ -152,7 +152,8 @@ class HeadOptions:
     precisions: names of a shared block's precisions (`bits.HeadPrecision`), the first 16-bit;
     precision_error[p, layer]: the layer's added error at precisions[p] (row 0: zeros);
     anchor_saving[p] / follower_precision_saving[p]: what precisions[p] saves on a block's anchor / on each follower
-    (values only) beyond the same head at 16 bits."""
+    (values only) beyond the same head at 16 bits; stream_precisions[k]: the precision of streaming option k (all
+    16-bit when empty)."""
 
     follower_error: np.ndarray
     follower_saving: float
@@ -164,6 +165,7 @@ class HeadOptions:
     precision_error: np.ndarray | None = None
     anchor_saving: np.ndarray | None = None
     follower_precision_saving: np.ndarray | None = None
+    stream_precisions: tuple[str, ...] = ()
 
     def __post_init__(self):
         kinds = frozenset(k if isinstance(k, HeadKind) else HeadKind.from_label(k) for k in self.allowed)
@@ -181,7 +183,7 @@ class Segment:
 
     layers: tuple[int, ...]
     streaming_window: int | None = None
-    precision: str = "K16V16"  # a shared block's precision (`HeadOptions.precisions`)
+    precision: str = "K16V16"  # the block's precision (`HeadOptions.precisions`, `stream_precisions`)
 
 
 def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | None):
@@ -233,7 +235,8 @@ def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | 
             error += block_error
             saving += block_saving
         else:
-            segments.append(Segment((a,), opt.windows[k]))
+            segments.append(Segment((a,), opt.windows[k], opt.stream_precisions[k] if opt.stream_precisions
+                                    else "K16V16"))
             error += float(opt.streaming_error[a, k])
             saving += float(opt.streaming_saving[k])
         end = a

@@ -62,11 +62,11 @@ def _dispatch(query, key: PoDKeys | StaticStep, value, scaling: float) -> torch.
     """[B, Hq, q, D] from the path that serves this update (see the module docstring)."""
     layer, state = key.layer, key.state
     if isinstance(key, StaticStep):  # a decode step over a StaticPoDCache (selection is refused there)
-        kernels = layer.uses_kernels(query) and not state.quantized_followers
+        kernels = layer.uses_kernels(query) and not state.reference_only
         return (static_decode_triton if kernels else static_decode)(query, key, value, scaling)
     if isinstance(layer, StaticPoDLayer) and layer.layer_idx == 0 and layer.uses_kernels(query):
         prepare_static(layer.cache, query.shape[0], query.device)  # a static prefill: before a decode is captured
-    if state.selection is None and not state.quantized_followers and (state.kernels or (state.kernels is None
+    if state.selection is None and not state.reference_only and (state.kernels or (state.kernels is None
                                                                                       and query.is_cuda)):
         return pod_attention_triton(query, key, value, scaling)
     return reference_attention(query, key, value, scaling)

@@ -5,7 +5,10 @@ groups of `group` elements sharing a 16-bit scale and minimum; `ilc.runtime.quan
 slots a quantized head stores, the sinks and a recent ``residual`` stay in the model's dtype (as KIVI and KVQuant
 keep them); tokens older than that are quantized in whole groups of `group` tokens (`quantized_tokens`), so a
 per-channel key group always holds `group` tokens and a cache quantizes once per `group` decode steps.
-STREAMING heads and followers' own keys hold only proximal tokens and stay 16-bit.
+A quantized STREAMING head stores its window the same way (slots counted from 0; its sinks are kept apart at 16
+bits) and drops each packed group once none of its tokens is in the window (`window_packed_tokens`); it quantizes
+both sides, and its window must reach past the residual by `STREAM_GROUPS` groups (`stream_layout_error`). Followers' own keys
+hold only proximal tokens and stay 16-bit.
 Torch-free, so that the plan module stays importable without torch.
 """
 
@@ -21,7 +24,8 @@ BITS = (8, 4, 2)  # stored integer widths; 16 means "not quantized"
 PARAM_BYTES = 2  # a scale or a minimum, 16-bit
 DEFAULT_RESIDUAL = 128  # recent tokens of a quantized head kept in the model's dtype (KIVI's residual)
 DEFAULT_GROUP = 32
-
+STREAM_GROUPS = 4  # the fewest packed groups a quantized streaming head's window must reach past its residual: its
+# 16-bit tail is allocated for the residual plus one group, so shorter windows save little or nothing
 
 class Axis(str, Enum):
     """How elements are grouped under one scale: along head_dim, per token (TOKEN), or along tokens, per channel
@@ -119,6 +123,27 @@ def quantized_tokens(stored: int, exact_prefix: int, residual: int, group: int) 
     return max(0, stored - exact_prefix - residual) // group * group
 
 
+def window_packed_tokens(seen: int, residual: int, group: int, window: int) -> tuple[int, int]:
+    """(packed tokens dropped, packed tokens kept) of a quantized STREAMING head's window storage after `seen`
+    slots: `quantized_tokens` of them packed (from slot 0), less the whole groups that end before the window."""
+    packed = quantized_tokens(seen, 0, residual, group)
+    dropped = min(packed, max(0, seen - window) // group * group)
+    return dropped, packed - dropped
+
+
+def stream_layout_error(precision: "HeadPrecision", window: int, residual: int) -> str | None:
+    """Why a STREAMING head with `window` cannot be stored at `precision`, or None (16-bit always can)."""
+    if not precision.quantized:
+        return None
+    if precision.key_bits == 16 or precision.value_bits == 16:
+        return f"{precision.name} on a streaming head: a quantized streaming head quantizes keys and values both"
+    if window < residual + STREAM_GROUPS * precision.group:
+        return (f"{precision.name} on a streaming head with window {window}: a window below the residual plus "
+                f"{STREAM_GROUPS} groups ({residual} + {STREAM_GROUPS} x {precision.group}) has too little to quantize; "
+                "keep it K16V16")
+    return None
+
+
 def vector_bytes(spec: QuantSpec | None, stored: int, head_dim: int, exact_prefix: int, residual: int,
                  dtype_bytes: int = 2) -> int:
     """Bytes of `stored` key (or value) vectors of one head and sequence under `spec` (None: all in the dtype)."""
@@ -132,6 +157,9 @@ def head_bytes(spec: HeadSpec, precision: HeadPrecision, context: int, sinks: in
                residual: int = DEFAULT_RESIDUAL, selection: Selection | None = None, dtype_bytes: int = 2) -> int:
     """The savings formula in bytes: K plus V bytes that one (layer, KV head) keeps for one sequence of `context`
     tokens (`heads.stored_vectors` counts the same vectors; this prices them at the head's precision)."""
+    if spec.kind == HeadKind.STREAMING and precision.quantized:
+        return sum(stream_side_bytes(side, context, sinks, spec.window, head_dim, residual, dtype_bytes)
+                   for side in (precision.key_spec(), precision.value_spec()))
     kept = selection.kept(context, sinks) if selection is not None else context
     proximal = min(context, sinks + spec.window)
     keys = {HeadKind.FULL: kept}.get(spec.kind, proximal)
@@ -140,6 +168,15 @@ def head_bytes(spec: HeadSpec, precision: HeadPrecision, context: int, sinks: in
     value_spec = precision.value_spec() if spec.kind != HeadKind.STREAMING else None
     return (vector_bytes(key_spec, keys, head_dim, sinks, residual, dtype_bytes)
             + vector_bytes(value_spec, values, head_dim, sinks, residual, dtype_bytes))
+
+
+def stream_side_bytes(spec: QuantSpec, seen: int, sinks: int, window: int, head_dim: int, residual: int,
+                      dtype_bytes: int = 2) -> int:
+    """Bytes of a quantized STREAMING head's keys (or values) after `seen` slots: the sinks at 16 bits, the window
+    storage's packed groups still holding a window token, and its tail (slots past the packed ones) at 16 bits."""
+    dropped, kept = window_packed_tokens(seen, residual, spec.group, window)
+    tail = seen - dropped - kept
+    return (min(seen, sinks) + tail) * head_dim * dtype_bytes + spec.stored_bytes(kept, head_dim)
 
 
 @dataclass(frozen=True)
@@ -179,7 +216,8 @@ class Precision:
 
 def uniform_precision(head_table, precision: HeadPrecision, residual: int = DEFAULT_RESIDUAL) -> Precision:
     """One precision for every head a plan's `head_table` [layer][kv_head] can quantize: FULL heads take it whole,
-    followers its value bits (their keys are the anchor's), streaming heads stay 16-bit."""
+    followers its value bits (their keys are the anchor's), streaming heads stay 16-bit (their windows are usually
+    shorter than the residual; calibration prices their bits head by head)."""
     def of(spec: HeadSpec) -> HeadPrecision:
         if spec.kind == HeadKind.FULL:
             return precision

@@ -8,7 +8,8 @@ Per layer, in slot coordinates (slot = position in the padded batch, the same fo
   the last ``window`` slots (a ring buffer). A key is overwritten as its token leaves the window; the distant
   keys come from the anchor layer;
 - STREAMING heads: keys and values of the sinks and of their own last ``window`` slots (one ring per window
-  size), nothing else.
+  size), nothing else; a quantized streaming head (the plan's precision:) keeps its window in windowed `Slots`
+  instead of a ring (`QuantizedPoDLayer`).
 
 `update` cannot return a dense key tensor for such a layer, so it returns a `PoDKeys` view that the
 registered attention function (`ilc.runtime.attention`) understands. With a plan's token selection, the first
@@ -25,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .bits import HeadPrecision
+from .bits import FULL_PRECISION, HeadPrecision
 from .heads import HeadKind, HeadSpec, Mode, Selection, stored_vectors
 from .plan import Plan, PlanError
 from .selection import SelectionShape, choose_tokens, selection_shape
-from .slots import HeadSlots, grown_capacity, resized, ring_read, ring_write, tensor_bytes
+from .slots import HeadSlots, Slots, StaticSlots, grown_capacity, resized, ring_read, ring_write, tensor_bytes
 
 
 @dataclass
@@ -56,7 +57,7 @@ class CacheState:
     follower_rows: int = 0
     kernels: bool | None = None  # Triton kernels: None = on CUDA tensors, True = always, False = never
     residual: int = 0  # recent tokens a quantized head keeps in the model's dtype (the plan's precision:)
-    quantized_followers: bool = False  # quantized heads and followers: the PyTorch reference path serves all
+    reference_only: bool = False  # quantized followers or streaming heads: the PyTorch reference path serves all
 
     def set_stored_row_start(self, row_start: torch.Tensor | None) -> None:
         """Row starts in stored slots (value heads, followers); `set_row_start` sets both kinds before selection."""
@@ -116,6 +117,10 @@ class PoDKeys:
         see."""
         if index not in self.stream_recent:
             group = self.layer.stream_groups[index]
+            if group.quantized:
+                (lo, keys), (_, values) = group.key_slots.window_slots(), group.value_slots.window_slots()
+                self.stream_recent[index] = (lo, keys, values)
+                return self.stream_recent[index]
             total = self.logical_total
             lo = max(0, total - group.window)
             self.stream_recent[index] = (lo, ring_read(group.ring_k, group.window, lo, total),
@@ -125,18 +130,39 @@ class PoDKeys:
 
 @dataclass
 class StreamGroup:
-    """The STREAMING heads of one layer that share a window size: their sinks and one ring each of K and V."""
+    """The STREAMING heads of one layer that share a window size and a precision: their sinks and one ring each
+    of K and V, or, quantized, windowed `Slots` (`StaticSlots` in a static cache) each of K and V."""
 
     window: int
     heads: list[int]  # KV heads
+    precision: HeadPrecision = FULL_PRECISION
     sink_k: torch.Tensor | None = None  # [B, n, S, D]: each row's first `sinks` real tokens
     sink_v: torch.Tensor | None = None
     ring_k: torch.Tensor | None = None  # [B, n, min(window, capacity), D], slot s at s % window
     ring_v: torch.Tensor | None = None
+    key_slots: Slots | StaticSlots | None = None  # quantized: the window's keys (sinks apart, at 16 bits)
+    value_slots: Slots | StaticSlots | None = None
     select: slice | torch.Tensor | None = None  # picks `heads` out of [B, Hkv, ...] (set at initialization)
 
+    @property
+    def quantized(self) -> bool:
+        return self.precision.quantized
+
     def tensors(self) -> tuple:
+        if self.quantized:
+            slots = [] if self.key_slots is None else self.key_slots.tensors() + self.value_slots.tensors()
+            return self.sink_k, self.sink_v, *slots
         return self.sink_k, self.sink_v, self.ring_k, self.ring_v
+
+    def map_batch(self, fn) -> None:
+        if self.sink_k is None:
+            return
+        self.sink_k, self.sink_v = fn(self.sink_k), fn(self.sink_v)
+        if self.quantized:
+            self.key_slots.map_batch(fn)
+            self.value_slots.map_batch(fn)
+        else:
+            self.ring_k, self.ring_v = fn(self.ring_k), fn(self.ring_v)
 
 
 class LogicalLength:
@@ -174,14 +200,20 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         self.stream_heads = [h for h, s in enumerate(specs) if s.kind == HeadKind.STREAMING]
         self.value_heads = [h for h, s in enumerate(specs) if s.kind != HeadKind.STREAMING]
         self.value_pos = {h: i for i, h in enumerate(self.value_heads)}  # KV head -> index in `values`
-        windows = sorted({specs[h].window for h in self.stream_heads})
-        self.stream_groups = [StreamGroup(w, [h for h in self.stream_heads if specs[h].window == w]) for w in windows]
+        kinds = sorted({(specs[h].window, self._precision(h)) for h in self.stream_heads},
+                       key=lambda kind: (kind[0], kind[1].name))
+        self.stream_groups = [StreamGroup(w, [h for h in self.stream_heads if (specs[h].window, self._precision(h))
+                                              == (w, p)], p) for w, p in kinds]
         self.seen = 0
         self.capacity = 0
         self.anchor_keys: torch.Tensor | None = None  # [B, Ha, cap, D]
         self.sink_keys: torch.Tensor | None = None  # [B, Hf, S, D]
         self.ring_keys: torch.Tensor | None = None  # [B, Hf, min(W, cap), D], slot s at s % W
         self.kernel_meta: dict = {}  # device -> head-index tensors for the Triton launches (built once)
+
+    def _precision(self, kv_head: int) -> HeadPrecision:
+        """The head's bits (16 in a layer without the plan's precision:)."""
+        return FULL_PRECISION
 
     # ------------------------------------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states, value_states):
@@ -196,7 +228,8 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             self.ring_keys = new(self.follower_heads, 0)
         for group in self.stream_groups:
             group.sink_k, group.sink_v = new(group.heads, self.state.sinks), new(group.heads, self.state.sinks)
-            group.ring_k, group.ring_v = new(group.heads, 0), new(group.heads, 0)
+            if not group.quantized:
+                group.ring_k, group.ring_v = new(group.heads, 0), new(group.heads, 0)
             group.select = _head_selector(group.heads, self.device)
         self._value_select = _head_selector(self.value_heads, self.device)
         self._anchor_select = _head_selector(self.anchor_heads, self.device)
@@ -217,8 +250,9 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         if self.follower_heads:
             self.ring_keys = _grow_ring(self.ring_keys, min(self.state.window, cap))
         for group in self.stream_groups:
-            group.ring_k = _grow_ring(group.ring_k, min(group.window, cap))
-            group.ring_v = _grow_ring(group.ring_v, min(group.window, cap))
+            if not group.quantized:
+                group.ring_k = _grow_ring(group.ring_k, min(group.window, cap))
+                group.ring_v = _grow_ring(group.ring_v, min(group.window, cap))
 
     def _write(self, start: int, total: int, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
         """Store slots [start, total) of the FULL heads' keys [B, Ha, n, D] and the value heads' values."""
@@ -274,6 +308,12 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             k, v = key_states[:, group.select], value_states[:, group.select]
             for dest, new in ((group.sink_k, k), (group.sink_v, v)):
                 _store_sinks(dest, new, logical, state.stream_row_start, state.stream_row_start_max, state.sinks)
+            if group.quantized:
+                if n > 1:  # the chunk attends to its own tokens at 16 bits, as in the quantized FULL heads
+                    (lo, old_k), (_, old_v) = group.key_slots.window_slots(), group.value_slots.window_slots()
+                    view.stream_recent[index] = (lo, torch.cat([old_k, k], 2), torch.cat([old_v, v], 2))
+                self._write_stream(group, logical, k, v)
+                continue
             if n > 1:  # as for followers: the chunk's recent vectors, read before the ring write drops any
                 lo = max(0, logical - group.window + 1)
                 view.stream_recent[index] = (lo, _with_ring(group.ring_k, group.window, lo, logical, k),
@@ -321,8 +361,7 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
             if t is not None:
                 setattr(self, name, fn(t))
         for group in self.stream_groups:
-            if group.ring_k is not None:
-                group.sink_k, group.sink_v, group.ring_k, group.ring_v = map(fn, group.tensors())
+            group.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -387,8 +426,8 @@ class QuantizedPoDLayer(PoDLayer):
 
     def __init__(self, layer_idx: int, specs: tuple[HeadSpec, ...], state: CacheState, cache: "PoDCache",
                  precisions: tuple[HeadPrecision, ...]):
+        self.precisions = precisions  # precisions[kv_head] (the stream groups read them)
         super().__init__(layer_idx, specs, state, cache)
-        self.precisions = precisions  # precisions[kv_head]
         self.key_slots: HeadSlots | None = None
         self.value_slots: HeadSlots | None = None
         self.fresh: tuple[int, torch.Tensor | None, torch.Tensor | None] | None = None  # (start, keys, values)
@@ -405,10 +444,28 @@ class QuantizedPoDLayer(PoDLayer):
         if self.value_heads:
             self.value_slots = self._new_slots([self.precisions[h].value_spec() for h in self.value_heads],
                                                new(self.value_heads))
+        for group in self.stream_groups:
+            if group.quantized:
+                like = new(group.heads)
+                group.key_slots = self._new_stream_slots(group.precision.key_spec(), group.window, like)
+                group.value_slots = self._new_stream_slots(group.precision.value_spec(), group.window, like)
+
+    def _precision(self, kv_head: int) -> HeadPrecision:
+        return self.precisions[kv_head]
 
     def _new_slots(self, specs, like: torch.Tensor) -> HeadSlots:
         """Storage of some heads, head i at specs[i]; `like` [B, n, 0, D] gives dtype and device."""
         return HeadSlots(specs, self.state.residual, self._exact_prefix(), like)
+
+    def _new_stream_slots(self, spec, window: int, like: torch.Tensor) -> Slots:
+        """A quantized stream group's keys (or values): its window's slots from 0, packed groups dropped as they
+        leave the window (its sinks are kept apart, at 16 bits)."""
+        return Slots(spec, self.state.residual, 0, like, window=window)
+
+    def _write_stream(self, group: StreamGroup, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store a quantized stream group's keys and values [B, n, m, D] of logical slots start.."""
+        group.key_slots.append(keys)
+        group.value_slots.append(values)
 
     def _exact_prefix(self) -> int:
         """Slots every row keeps in the model's dtype at the start: its sinks, after the longest left padding."""
@@ -476,9 +533,12 @@ class QuantizedPoDLayer(PoDLayer):
         stored = self.seen - self.state.shift
         own = sum(stored_vectors(spec, stored, self.state.sinks) - stored for spec in self.specs
                   if spec.kind == HeadKind.FOLLOWER)  # followers' own keys
-        own += sum(stored_vectors(spec, self.seen, self.state.sinks) for spec in self.specs
-                   if spec.kind == HeadKind.STREAMING)
-        return own * self._vector_bytes() + sum(s.used_bytes() for s in self._slots())
+        own += sum(stored_vectors(spec, self.seen, self.state.sinks) for h, spec in enumerate(self.specs)
+                   if spec.kind == HeadKind.STREAMING and not self.precisions[h].quantized)
+        streams = [g for g in self.stream_groups if g.quantized]
+        own += sum(len(g.heads) for g in streams) * 2 * min(self.seen, self.state.sinks)  # their sinks
+        slots = self._slots() + [s for g in streams for s in (g.key_slots, g.value_slots)]
+        return own * self._vector_bytes() + sum(s.used_bytes() for s in slots)
 
 def _store_sinks(dest: torch.Tensor, own: torch.Tensor, start: int, row_start: torch.Tensor | None,
                  row_start_max: int, sinks: int) -> None:
@@ -520,6 +580,16 @@ def _grow_ring(ring: torch.Tensor, size: int) -> torch.Tensor:
     return grown
 
 
+def _reference_only(plan: Plan) -> bool:
+    """Whether only the PyTorch reference serves the plan: quantized heads beside followers, or quantized streaming
+    heads (the Triton kernels read neither yet)."""
+    if not plan.quantized:
+        return False
+    streams = any(spec.kind == HeadKind.STREAMING and plan.precision.of(layer, h).quantized
+                  for layer, row in enumerate(plan.head_table()) for h, spec in enumerate(row))
+    return streams or plan.kind_counts()["follower"] > 0
+
+
 class PoDCache(Cache):
     """The compressed KV cache for one `Plan`; one instance per generation (what `generate` owns)."""
 
@@ -528,9 +598,9 @@ class PoDCache(Cache):
         if kernels and plan.selection is not None:
             raise PlanError("kernels=True: the Triton kernels do not run token selection (the plan's selection:) "
                             "yet; pass kernels=None or False")
-        if kernels and plan.quantized and plan.kind_counts()["follower"]:
-            raise PlanError("kernels=True: the Triton kernels do not run followers of quantized anchors (the "
-                            "plan's precision: with followers) yet; pass kernels=None or False")
+        if kernels and _reference_only(plan):
+            raise PlanError("kernels=True: the Triton kernels do not run followers of quantized anchors or quantized "
+                            "streaming heads (the plan's precision:) yet; pass kernels=None or False")
         self.plan = plan
         self.state = CacheState(
             sinks=plan.sinks,
@@ -540,7 +610,7 @@ class PoDCache(Cache):
             kernels=kernels,
             selection=plan.selection,
             residual=plan.precision.residual if plan.precision else 0,
-            quantized_followers=plan.quantized and plan.kind_counts()["follower"] > 0,
+            reference_only=_reference_only(plan),
         )
         table = plan.head_table()
         super().__init__(layers=[self._new_layer(i, specs) for i, specs in enumerate(table)])

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-from .bits import DEFAULT_GROUP, DEFAULT_RESIDUAL, FULL_PRECISION, HeadPrecision, Precision, head_bytes
+from .bits import (DEFAULT_GROUP, DEFAULT_RESIDUAL, FULL_PRECISION, HeadPrecision, Precision, head_bytes,
+                   stream_layout_error)
 from .heads import SCORERS, BlockKind, HeadKind, HeadSpec, Mode, Selection, dense_vectors, stored_vectors
 
 FORMAT = "ilc-plan/2"
@@ -462,9 +463,8 @@ def _validate_precision(plan: Plan, where: str) -> None:
     for layer, row in enumerate(plan.head_table()):
         for h, spec in enumerate(row):
             x = p.of(layer, h)
-            if spec.kind == HeadKind.STREAMING and x.quantized:
-                raise PlanError(f"{where}per_head[{h}][{layer}]: {x.name} on a streaming head; streaming heads hold "
-                                "only their sinks and window and stay 16-bit (K16V16)")
+            if spec.kind == HeadKind.STREAMING and stream_layout_error(x, spec.window, p.residual):
+                raise PlanError(f"{where}per_head[{h}][{layer}]: {stream_layout_error(x, spec.window, p.residual)}")
             if spec.kind == HeadKind.FOLLOWER and x.key_bits < 16:
                 raise PlanError(f"{where}per_head[{h}][{layer}]: {x.name} on a follower; a follower's keys are its "
                                 "anchor's, only its values can be quantized (K16V<bits>)")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .attention_common import dense_attention, distant_query, follower_groups, query_chunks, query_heads
 from .cache import PoDKeys
 from .heads import Mode
+from .slots import ring_slots
 from .static_cache import StaticStep
 
 
@@ -30,7 +31,8 @@ def reference_attention(query: torch.Tensor, view: PoDKeys, values: torch.Tensor
                         scaling: float) -> torch.Tensor:
     """PoD attention in PyTorch. query [B, Hq, q, D] at slots [view.start, view.total); returns [B, Hq, q, D]."""
     layer = view.layer
-    values = layer.stored_values(view.total) if values is None else values  # a quantized layer hands none
+    if values is None and layer.value_heads:  # a quantized layer hands none
+        values = layer.stored_values(view.total)
     b, hq, q, d = query.shape
     group = hq // len(layer.specs)
     out = query.new_empty(b, hq, q, d)
@@ -268,10 +270,11 @@ def static_decode(query, step: StaticStep, values, scaling: float) -> torch.Tens
     b, hq, _, d = query.shape
     group = hq // len(layer.specs)
     i, dev = step.position, query.device
-    values = layer.decode_values(i) if values is None else values  # a quantized layer hands none
+    if values is None and layer.value_heads:  # a quantized layer hands none
+        values = layer.decode_values(i)
     rs = state.row_starts(b, dev)
     s, w = state.sinks, state.window
-    slots = torch.arange(values.shape[2], device=dev)
+    slots = torch.arange(layer.max_length, device=dev)
     out = query.new_empty(b, hq, 1, d)
     if layer.anchor_heads:
         qi = query_heads(layer.anchor_heads, group)
@@ -285,7 +288,7 @@ def static_decode(query, step: StaticStep, values, scaling: float) -> torch.Tens
         anchor_layer = layer.cache.layers[anchor]
         vals = values[:, [layer.value_pos[h] for h in heads]]
         ring = layer.ring_keys[:, positions]
-        ring_pos = _ring_positions(i, ring.shape[2])
+        ring_pos = ring_slots(i, ring.shape[2])
         m_ring = (ring_pos >= (rs + s)[:, None]) & (ring_pos > i - w)  # [B, W]; no pads, no sinks, in the window
         dist_k = anchor_layer.decode_keys(i)[:, [anchor_layer.anchor_heads.index(h) for h in heads]]
         m_dist = (slots[None] >= (rs + s)[:, None]) & (slots[None] <= i - w)  # [B, L]
@@ -295,19 +298,19 @@ def static_decode(query, step: StaticStep, values, scaling: float) -> torch.Tens
             own_masks=[_sink_mask(rs, s, i), m_ring], dist=(dist_k, vals, m_dist))
     for stream in layer.stream_groups:
         qi = query_heads(stream.heads, group)
-        ring_pos = _ring_positions(i, stream.ring_k.shape[2])
+        if stream.quantized:  # the window's packed groups and recent slots, each with the slot it holds
+            (keys, held), (vals, _) = stream.key_slots.window_read(i), stream.value_slots.window_read(i)
+            m_win = (held[None] >= (rs + s)[:, None]) & (held[None] > i - stream.window)
+            out[:, qi] = _static_softmax(query[:, qi], None, rs, i, scaling, own=[(stream.sink_k, stream.sink_v),
+                                                                                   (keys, vals)],
+                                         own_masks=[_sink_mask(rs, s, i), m_win], dist=None)
+            continue
+        ring_pos = ring_slots(i, stream.ring_k.shape[2])
         m_ring = (ring_pos >= (rs + s)[:, None]) & (ring_pos > i - stream.window)
         out[:, qi] = _static_softmax(query[:, qi], None, rs, i, scaling,
                                      own=[(stream.sink_k, stream.sink_v), (stream.ring_k, stream.ring_v)],
                                      own_masks=[_sink_mask(rs, s, i), m_ring], dist=None)
     return out
-
-
-def _ring_positions(i: torch.Tensor, size: int) -> torch.Tensor:
-    """[size] the slot each ring entry holds after writing slot i: the latest p <= i with p = r (mod size);
-    negative where nothing was written yet."""
-    r = torch.arange(size, device=i.device)
-    return i - torch.remainder(i - r, size)
 
 
 def _sink_mask(rs: torch.Tensor, sinks: int, i: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@
 `prefix` slots (every row's sinks) and the recent tail in the model's dtype, the slots between them as packed
 integers with their scales (`ilc.runtime.quant`), quantized in whole groups as `bits.quantized_tokens` says.
 `StaticSlots` is the same layout preallocated for a `StaticPoDCache` (the recent slots in a ring), written by a
-decode step with no host read. `HeadSlots` gathers one `Slots` (or `StaticSlots`) per precision for the heads of
+decode step with no host read. With a `window` (a quantized STREAMING head: no prefix, its sinks kept apart),
+both drop each packed group once all its tokens are older than the window (`bits.window_packed_tokens`): `Slots`
+shifts its packed rows down, `StaticSlots` keeps the packed groups in a ring just long enough. `HeadSlots` gathers one `Slots` (or `StaticSlots`) per precision for the heads of
 one layer and reads them back in head order. Reading dequantizes (the reference path on CPU); nothing but the
 packed form is held for quantized slots.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .bits import Axis, QuantSpec, quantized_tokens
+from .bits import Axis, QuantSpec, quantized_tokens, window_packed_tokens
 from .quant import Quantized, dequantize, quantize
 
 GROWTH_MIN_SLOTS = 8  # the least a layer's storage grows by: a copy every 8 decode steps at short contexts
@@ -63,11 +65,17 @@ def ring_write(ring: torch.Tensor, window: int, new: torch.Tensor, start: int) -
 
 class Slots:
     """Slots [0, total) of n heads at one `spec` (None: all in the model's dtype): [0, prefix) and the tail
-    [prefix + packed, total) as floats, [prefix, prefix + packed) packed. Shapes: [B, n, slots, D]."""
+    [prefix + packed, total) as floats, [prefix, prefix + packed) packed. Shapes: [B, n, slots, D]. With a
+    `window` (spec set, prefix 0), packed slots [0, dropped) are gone and the packed rows hold [dropped, packed)."""
 
-    def __init__(self, spec: QuantSpec | None, residual: int, prefix: int, like: torch.Tensor):
+    def __init__(self, spec: QuantSpec | None, residual: int, prefix: int, like: torch.Tensor,
+                 window: int | None = None):
         b, n, _, d = like.shape
+        if window is not None and (spec is None or prefix):
+            raise ValueError("a windowed Slots quantizes (spec set) and has no prefix")
         self.spec, self.residual, self.prefix = spec, residual, prefix if spec is not None else 0
+        self.window = window
+        self.dropped = 0  # packed tokens dropped from the front (windowed only)
         self.head = like.new_zeros(b, n, 0, d)  # slots [0, min(total, prefix))
         self.tail = like.new_zeros(b, n, 0, d)  # slots [prefix + packed, total) at [0, tail_len)
         self.tail_len = 0
@@ -103,18 +111,33 @@ class Slots:
         if self.spec is None:
             return
         target = quantized_tokens(self.total, self.prefix, self.residual, self.spec.group)
+        if self.window is not None:  # tokens already older than the window's groups are dropped unquantized
+            skip = window_packed_tokens(self.total, self.residual, self.spec.group, self.window)[0] - self.packed
+            if skip > 0:
+                self.tail = self.tail[:, :, skip:self.tail_len].clone()
+                self.tail_len -= skip
+                self.packed = self.dropped = self.packed + skip
+        drop = window_packed_tokens(self.total, self.residual, self.spec.group, self.window)[0] if self.window else 0
+        self._drop(min(drop, self.packed))  # before packing, so a window's rows never outgrow its groups
+        if target > self.packed:
+            self._pack(target)
+        self._drop(drop)
+
+    def _pack(self, target: int) -> None:
+        """Quantize the tail's oldest tokens up to `target` packed tokens, and shrink the tail."""
         new = target - self.packed
-        if new <= 0:
-            return
         q = quantize(self.tail[:, :, :new], self.spec)
-        rows = lambda tokens: tokens if self.spec.axis == Axis.TOKEN else tokens // self.spec.group  # noqa: E731
-        if target > self.data.shape[2]:
-            cap = -(-grown_capacity(target) // self.spec.group) * self.spec.group
-            self.data = resized(self.data, cap, self.packed)
-            self.scale, self.minimum = (resized(t, rows(cap), rows(self.packed)) for t in (self.scale, self.minimum))
-        self.data[:, :, self.packed:target] = q.data
-        self.scale[:, :, rows(self.packed):rows(target)] = q.scale
-        self.minimum[:, :, rows(self.packed):rows(target)] = q.minimum
+        rows = self._rows
+        have, want = self.packed - self.dropped, target - self.dropped  # packed rows held now / after this flush
+        if want > self.data.shape[2]:
+            cap = -(-grown_capacity(want) // self.spec.group) * self.spec.group
+            if self.window is not None:  # the groups a window can hold (as `StaticSlots`)
+                cap = max(want, -(-(self.window - self.residual) // self.spec.group) * self.spec.group)
+            self.data = resized(self.data, cap, have)
+            self.scale, self.minimum = (resized(t, rows(cap), rows(have)) for t in (self.scale, self.minimum))
+        self.data[:, :, have:want] = q.data
+        self.scale[:, :, rows(have):rows(want)] = q.scale
+        self.minimum[:, :, rows(have):rows(want)] = q.minimum
         self.packed = target
         rest = self.tail[:, :, new:self.tail_len]
         keep = self.residual + self.spec.group  # the most a tail holds when one token arrives (then it flushes)
@@ -122,15 +145,41 @@ class Slots:
                             rest.shape[2])
         self.tail_len = rest.shape[2]
 
+    def _rows(self, tokens: int) -> int:
+        """Scale rows of `tokens` packed tokens."""
+        return tokens if self.spec.axis == Axis.TOKEN else tokens // self.spec.group
+
+    def _drop(self, dropped: int) -> None:
+        """Drop packed slots [self.dropped, dropped) (whole groups): the rows after them move to the front."""
+        k = dropped - self.dropped
+        if k <= 0:
+            return
+        have = self.packed - dropped
+        for t, n, skip in ((self.data, have, k), (self.scale, self._rows(have), self._rows(k)),
+                           (self.minimum, self._rows(have), self._rows(k))):
+            t[:, :, :n] = t[:, :, skip:skip + n].clone()
+        self.dropped = dropped
+
+    @property
+    def first(self) -> int:
+        """The first slot `read` returns after the prefix (0 unless a window has dropped packed slots)."""
+        return self.prefix + self.dropped
+
     def read(self) -> torch.Tensor:
-        """[B, n, total, D] in the model's dtype: the packed slots dequantized."""
+        """[B, n, total - dropped, D] in the model's dtype, slots [0, prefix) then [first, total): the packed slots
+        dequantized."""
         parts = [self.head]
-        if self.packed:
-            rows = self.packed if self.spec.axis == Axis.TOKEN else self.packed // self.spec.group
-            q = Quantized(self.data[:, :, :self.packed], self.scale[:, :, :rows], self.minimum[:, :, :rows], self.spec)
+        have = self.packed - self.dropped
+        if have:
+            rows = self._rows(have)
+            q = Quantized(self.data[:, :, :have], self.scale[:, :, :rows], self.minimum[:, :, :rows], self.spec)
             parts.append(dequantize(q, self.tail.dtype))
         parts.append(self.tail[:, :, :self.tail_len])
         return torch.cat(parts, dim=2)
+
+    def window_slots(self) -> tuple[int, torch.Tensor]:
+        """(first slot, [B, n, total - first, D]) of windowed slots: what they still hold, in slot order."""
+        return self.first, self.read()
 
     def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
         """(16-bit head, 16-bit tail, prefix, packed, ring) as the quantized decode kernel reads them (a linear tail:
@@ -148,7 +197,8 @@ class Slots:
         """Bytes of what the slots must keep: floats of the exact slots, integers and parameters of packed ones."""
         b, n, _, d = self.tail.shape
         exact = (self.head.shape[2] + self.tail_len) * d * self.tail.element_size()
-        return b * n * (exact + (self.spec.stored_bytes(self.packed, d) if self.packed else 0))
+        have = self.packed - self.dropped
+        return b * n * (exact + (self.spec.stored_bytes(have, d) if have else 0))
 
     def map_batch(self, fn) -> None:
         self.head, self.tail = fn(self.head), fn(self.tail)
@@ -162,14 +212,22 @@ class StaticSlots:
     `residual + group` (slot s at s % ring): the residual plus the group being quantized. With spec None the ring
     is `length` long and holds every slot. A decode step (`write_step`) writes its token and requantizes, with no
     host read, the group that has just left the residual (its old integers written back on the other steps); a
-    prompt (`write`) runs eagerly. Packed and quantized exactly as `Slots` does, at the same boundaries."""
+    prompt (`write`) runs eagerly. Packed and quantized exactly as `Slots` does, at the same boundaries. Packed
+    group k sits at packed row (k % groups) * group: without a window `groups` covers the length (k < groups);
+    with one it covers the groups a window can hold (`groups` * group >= window - residual), a ring."""
 
-    def __init__(self, spec: QuantSpec | None, residual: int, prefix: int, like: torch.Tensor, length: int):
+    def __init__(self, spec: QuantSpec | None, residual: int, prefix: int, like: torch.Tensor, length: int,
+                 window: int | None = None):
         b, n, _, d = like.shape
-        self.spec, self.residual, self.length = spec, residual, length
+        if window is not None and (spec is None or prefix):
+            raise ValueError("a windowed StaticSlots quantizes (spec set) and has no prefix")
+        self.spec, self.residual, self.length, self.stream_window = spec, residual, length, window
         self.prefix = min(prefix, length) if spec is not None else 0
         group = spec.group if spec is not None else 1
         self.capacity = quantized_tokens(length, self.prefix, residual, group) if spec is not None else 0
+        if window is not None:
+            self.capacity = min(self.capacity, -(-(window - residual) // group) * group)
+        self.groups = self.capacity // group
         self.window = min(length, residual + group) if spec is not None else length  # the ring's size
         self.head = like.new_zeros(b, n, self.prefix, d)
         self.ring = like.new_zeros(b, n, self.window, d)
@@ -195,14 +253,19 @@ class StaticSlots:
             k = min(m, self.prefix - start)
             self.head[:, :, start:start + k] = x[:, :, :k]
         if self.capacity:
-            target = quantized_tokens(total, self.prefix, self.residual, self.spec.group)
+            g = self.spec.group
+            target = quantized_tokens(total, self.prefix, self.residual, g)
             if target > self.packed:
-                lo = self.prefix + self.packed  # the first slot to quantize: in the ring, or in x
+                first = max(self.packed, target - self.capacity)  # earlier groups would be overwritten in the ring
+                lo = self.prefix + first  # the first slot to quantize: in the ring, or in x
                 src = torch.cat([ring_read(self.ring, self.window, lo, start), x[:, :, max(0, lo - start):]], dim=2)
-                q = quantize(src[:, :, :target - self.packed], self.spec)
-                self.data[:, :, self.packed:target] = q.data
-                self.scale[:, :, self._rows(self.packed):self._rows(target)] = q.scale
-                self.minimum[:, :, self._rows(self.packed):self._rows(target)] = q.minimum
+                q = quantize(src[:, :, :target - first], self.spec)
+                groups = (torch.arange(first // g, target // g, device=x.device) % self.groups)
+                tokens = (groups[:, None] * g + torch.arange(g, device=x.device)).flatten()
+                self.data.index_copy_(2, tokens, q.data)
+                rows = tokens if self.spec.axis == Axis.TOKEN else groups
+                self.scale.index_copy_(2, rows, q.scale)
+                self.minimum.index_copy_(2, rows, q.minimum)
                 self.packed = target
         ring_write(self.ring, self.window, x, start)
         self.written = total
@@ -232,10 +295,11 @@ class StaticSlots:
         g = self.spec.group
         beyond = total - self.prefix - self.residual  # slots past the residual
         due = (beyond >= g) & (beyond % g == 0)
-        first = (beyond - g).clamp(0, self.capacity - g)  # the group's first packed row (when due)
-        tokens = first + torch.arange(g, device=total.device)
-        q = quantize(self.ring.index_select(2, (self.prefix + tokens) % self.window), self.spec)
-        rows = tokens if self.spec.axis == Axis.TOKEN else (first // g).view(1)
+        k = (beyond - g).clamp(min=0) // g  # the group (when due)
+        at = torch.arange(g, device=total.device)
+        tokens = (k % self.groups) * g + at  # its packed rows
+        q = quantize(self.ring.index_select(2, (self.prefix + k * g + at) % self.window), self.spec)
+        rows = tokens if self.spec.axis == Axis.TOKEN else (k % self.groups).view(1)
         self.data.index_copy_(2, tokens, torch.where(due, q.data, self.data.index_select(2, tokens)))
         for t, new in ((self.scale, q.scale), (self.minimum, q.minimum)):
             t.index_copy_(2, rows, torch.where(due, new, t.index_select(2, rows)))
@@ -254,6 +318,48 @@ class StaticSlots:
                                                   self.ring.dtype), rest], dim=2)
         return torch.where((slots < self.prefix + packed)[:, None], stored, recent)
 
+    def _packed_slots(self, packed: torch.Tensor | int) -> torch.Tensor:
+        """[capacity] the slot each packed row holds once `packed` tokens are quantized (-1: none yet)."""
+        g = self.spec.group
+        row = torch.arange(self.capacity, device=self.ring.device)
+        done = torch.as_tensor(packed, device=row.device) // g  # groups quantized
+        ring_row = row // g
+        k = ring_row + self.groups * torch.div(done - 1 - ring_row, self.groups, rounding_mode="floor")
+        return torch.where(k >= 0, self.prefix + k * g + row % g, -1)
+
+    def window_slots(self) -> tuple[int, torch.Tensor]:
+        """As `Slots.window_slots`, after the last eager `write`: the packed groups the ring still holds, in slot
+        order, then the ring's slots not yet packed."""
+        g = self.spec.group
+        first = max(0, self.packed - self.capacity)
+        parts = []
+        if self.packed > first:
+            groups = torch.arange(first // g, self.packed // g, device=self.ring.device) % self.groups
+            tokens = (groups[:, None] * g + torch.arange(g, device=self.ring.device)).flatten()
+            rows = tokens if self.spec.axis == Axis.TOKEN else groups
+            parts.append(dequantize(Quantized(self.data.index_select(2, tokens), self.scale.index_select(2, rows),
+                                              self.minimum.index_select(2, rows), self.spec), self.ring.dtype))
+        parts.append(ring_read(self.ring, self.window, self.packed, self.written))
+        return first, torch.cat(parts, dim=2)
+
+    def window_read(self, position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vectors [B, n, capacity + ring, D] in the model's dtype, the slot of each [capacity + ring], -1 where
+        none) after the token at slot `position` (a device tensor; None: after the last eager `write`): the packed
+        rows dequantized, then the ring's slots not yet packed. For windowed slots; masks pick the window."""
+        if position is None:
+            written, packed = torch.tensor(self.written - 1), self.packed
+        else:
+            written = position
+            packed = (position + 1 - self.prefix - self.residual).clamp(min=0) // self.spec.group * self.spec.group
+        recent = ring_slots(written.to(self.ring.device), self.window)
+        recent = torch.where(recent >= self.prefix + packed, recent, -1)
+        parts = [self.ring]
+        slots = [recent]
+        if self.capacity:
+            parts.insert(0, dequantize(Quantized(self.data, self.scale, self.minimum, self.spec), self.ring.dtype))
+            slots.insert(0, self._packed_slots(packed))
+        return torch.cat(parts, dim=2), torch.cat(slots)
+
     def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
         """As `Slots.kernel_layout`; packed is the capacity (the kernel counts the packed slots on the device)."""
         return self.head, self.ring, self.prefix, self.capacity, self.window
@@ -268,6 +374,13 @@ class StaticSlots:
         self.head, self.ring = fn(self.head), fn(self.ring)
         if self.capacity:
             self.data, self.scale, self.minimum = fn(self.data), fn(self.scale), fn(self.minimum)
+
+
+def ring_slots(last: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] the slot each entry of a ring (slot s at s % size) holds after writing slot `last` (0-d tensor): the
+    latest p <= last with p = entry (mod size); negative where nothing was written yet."""
+    entry = torch.arange(size, device=last.device)
+    return last - torch.remainder(last - entry, size)
 
 
 def spec_groups(specs: list[QuantSpec | None]) -> list[list[int]]:

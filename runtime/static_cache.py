@@ -14,7 +14,8 @@ changes from step to step:
 - a prompt (several tokens) runs eagerly through `PoDLayer.update` and the ordinary attention paths (prefill is
   not captured; it reads the length on the host once per layer).
 Quantized heads (the plan's precision:) keep `QuantizedPoDLayer`'s layout in `StaticSlots`: packed slots for
-the whole length, the recent ones in a ring, the group leaving the residual quantized on the device in the step.
+the whole length (a quantized streaming head: for its window, in a ring of groups), the recent ones in a ring, the
+group leaving the residual quantized on the device in the step.
 Token selection (it reallocates) and the compute skip (data-dependent) are refused.
 """
 
@@ -27,7 +28,7 @@ import torch
 from .bits import head_bytes
 from .cache import CacheState, PoDCache, PoDLayer, QuantizedPoDLayer
 from .plan import Plan, PlanError
-from .slots import HeadSlots
+from .slots import HeadSlots, StaticSlots
 
 
 @dataclass
@@ -73,7 +74,8 @@ class StaticPoDLayer(PoDLayer):
         if self.follower_heads:
             self.ring_keys = new(self.follower_heads, min(self.state.window, n))
         for group in self.stream_groups:
-            group.ring_k, group.ring_v = new(group.heads, min(group.window, n)), new(group.heads, min(group.window, n))
+            if not group.quantized:
+                group.ring_k, group.ring_v = (new(group.heads, min(group.window, n)) for _ in range(2))
         self.capacity = n
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over the same buffers
             for t in self._buffers():
@@ -131,8 +133,12 @@ class StaticPoDLayer(PoDLayer):
             _write_sink(self.sink_keys, own, pos, rs)
         for group in self.stream_groups:
             k, v = key_states[:, group.select], value_states[:, group.select]
-            group.ring_k.index_copy_(2, at % group.ring_k.shape[2], k)
-            group.ring_v.index_copy_(2, at % group.ring_v.shape[2], v)
+            if group.quantized:
+                group.key_slots.write_step(k, pos)
+                group.value_slots.write_step(v, pos)
+            else:
+                group.ring_k.index_copy_(2, at % group.ring_k.shape[2], k)
+                group.ring_v.index_copy_(2, at % group.ring_v.shape[2], v)
             _write_sink(group.sink_k, k, pos, rs)
             _write_sink(group.sink_v, v, pos, rs)
         self.length.add_(1)
@@ -166,6 +172,13 @@ class StaticQuantizedPoDLayer(StaticPoDLayer, QuantizedPoDLayer):
 
     def _new_slots(self, specs, like) -> HeadSlots:
         return HeadSlots(specs, self.state.residual, self._exact_prefix(), like, length=self.max_length)
+
+    def _new_stream_slots(self, spec, window: int, like) -> StaticSlots:
+        return StaticSlots(spec, self.state.residual, 0, like, self.max_length, window=window)
+
+    def _write_stream(self, group, start: int, keys, values) -> None:
+        group.key_slots.write(start, keys)
+        group.value_slots.write(start, values)
 
     def _allocate_full_heads(self, new) -> None:  # `key_slots` / `value_slots` hold them
         pass

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from ilc.runtime import Plan, model_signature  # noqa: E402
-from ilc.runtime.bits import HeadPrecision, Precision  # noqa: E402
+from ilc.runtime.bits import STREAM_GROUPS, HeadPrecision, Precision  # noqa: E402
 from ilc.runtime.heads import HeadKind  # noqa: E402
 from ilc.runtime.plan import Block, blocks_from_layers, streaming_block  # noqa: E402
 
@@ -73,17 +73,19 @@ def mixed_plan(model, sinks=3, window=5, mode="scores", windows=(2, 4, 7)):
     return Plan(model=base.model, sinks=sinks, window=window, blocks=heads, mode=mode)
 
 
-def quantized(plan, *names, residual=8, group=8) -> Plan:
+def quantized(plan, *names, residual=8, group=8, streams: str | None = None) -> Plan:
     """`plan` with its FULL heads stored at the precisions `names` in turn (by layer + KV head), its followers at
-    those value bits, its streaming heads at 16 bits."""
+    those value bits, its streaming heads at 16 bits (at `streams` where `bits.stream_layout_error` allows)."""
     table = plan.head_table()
 
     def of(layer, h):
         precision = HeadPrecision.parse(names[(layer + h) % len(names)], group)
-        kind = table[layer][h].kind
-        if kind == HeadKind.FULL:
+        spec = table[layer][h]
+        if spec.kind == HeadKind.FULL:
             return precision
-        return HeadPrecision(16, precision.value_bits if kind == HeadKind.FOLLOWER else 16, group=group)
+        if spec.kind == HeadKind.STREAMING and streams and spec.window >= residual + STREAM_GROUPS * group:
+            return HeadPrecision.parse(streams, group)
+        return HeadPrecision(16, precision.value_bits if spec.kind == HeadKind.FOLLOWER else 16, group=group)
 
     heads = tuple(tuple(of(layer, h) for layer in range(plan.num_layers)) for h in range(plan.num_kv_heads))
     return plan.with_options(precision=Precision(heads, residual))

@@ -6,12 +6,12 @@ import yaml
 
 from ilc.runtime import Plan, PlanError, cache_report, load_plan, plan_from_dict, remove_plan
 from ilc.runtime.plan import blocks_from_layers, streaming_block
-from ilc.runtime.bits import HeadPrecision, Precision, QuantSpec, vector_bytes
+from ilc.runtime.bits import HeadPrecision, Precision, QuantSpec, vector_bytes, window_packed_tokens
 from ilc.runtime.quant import dequantize, quantize
 from ilc.runtime.selection import Selection
-from ilc.runtime.slots import HeadSlots, Slots
+from ilc.runtime.slots import HeadSlots, Slots, StaticSlots
 
-from conftest import make_plan, mixed_plan, quantized, tiny_llama
+from conftest import make_plan, mixed_plan, quantized, served_plan, tiny_llama
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 8), QuantSpec(2, 8, "channel"), QuantSpec(8, 16)])
@@ -155,3 +155,68 @@ def test_a_precision_section_has_one_group_size():
     with pytest.raises(ValueError, match="one group size"):
         Precision(((HeadPrecision(8, 8, group=8), HeadPrecision(8, 8, group=16)),))
     assert Precision(((HeadPrecision(4, 4, group=16),),)).group == 16
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 8), QuantSpec(2, 8, "channel")])
+def test_windowed_slots_hold_the_windows_groups_as_unwindowed_slots_store_them(spec):
+    """A quantized streaming head's storage: the same packed and 16-bit slots as storage without a window, from
+    the first group still holding a window token on (growing: rows shifted down; static: a ring of groups)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 150, 16)
+    window, residual = 40, 12
+    plain = Slots(spec, residual, 0, x[:, :, :0])
+    growing = Slots(spec, residual, 0, x[:, :, :0], window=window)
+    static = StaticSlots(spec, residual, 0, x[:, :, :0], 150, window=window)
+    position = torch.tensor(0)
+    for lo, hi in ((0, 70), (70, 71), (71, 97)) + tuple((t, t + 1) for t in range(97, 150)):
+        for slots in (plain, growing):
+            slots.append(x[:, :, lo:hi])
+        if hi - lo > 1:
+            static.write(lo, x[:, :, lo:hi])
+        else:
+            static.write_step(x[:, :, lo:hi], position.fill_(lo))
+        want = plain.read()
+        first, got = growing.window_slots()
+        dropped, kept = window_packed_tokens(hi, residual, spec.group, window)
+        assert first == dropped and hi - first < window + spec.group + residual and torch.equal(got, want[:, :, first:])
+        assert growing.used_bytes() == 2 * 3 * (spec.stored_bytes(kept, 16) + (hi - dropped - kept) * 16 * 4)
+        vectors, slot = static.window_read(position if hi - lo == 1 else None)
+        held = slot >= first
+        assert torch.equal(slot[held].sort().values, torch.arange(first, hi))
+        order = slot[held].argsort()
+        assert torch.allclose(vectors[:, :, held][:, :, order], want[:, :, first:], atol=1e-6)
+    assert growing.data.shape[2] < 2 * (window + spec.group)  # dropped rows are given back, not kept behind a view
+
+
+def test_quantized_streaming_heads_hold_the_plans_bytes_and_stay_near_16_bits():
+    model = tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=16, init_range=0.05)
+    base = served_plan(model, {(1, 0): 40, (2, 1): 64, (3, 0): 6})
+    x = torch.randint(3, 97, (1, 160), generator=torch.Generator().manual_seed(0))
+    used, steps = {}, {}
+    for name, plan in (("16-bit", quantized(base, "K8V8")), ("K4cV4", quantized(base, "K8V8", streams="K4cV4")),
+                       ("K2V2", quantized(base, "K8V8", streams="K2V2"))):
+        plan.apply(model)
+        with torch.no_grad():
+            cache = model(x, use_cache=True).past_key_values
+            steps[name] = torch.stack([model(x[:, t:t + 1], past_key_values=cache).logits[0, -1] for t in range(8)])
+        used[name] = cache_report(cache).used
+        assert used[name] == plan.kv_bytes(168, dtype_bytes=4)[1]
+        remove_plan(model)
+    err = {n: (steps[n] - steps["16-bit"]).abs().max().item() for n in ("K4cV4", "K2V2")}
+    assert 0 < err["K4cV4"] < err["K2V2"] < 0.5
+    assert used["K2V2"] < used["K4cV4"] < used["16-bit"]
+
+
+def test_quantized_streaming_heads_are_checked_and_round_trip(tmp_path):
+    model = tiny_llama(layers=4, heads=4, kv_heads=2, head_dim=16)
+    plan = quantized(served_plan(model, {(1, 0): 40, (3, 1): 6}), "K8V8", streams="K4cV2")
+    assert plan.precision.of(1, 0).name == "K4cV2" and plan.precision.of(3, 1).name == "K16V16"
+    assert load_plan(plan.save(tmp_path / "s.yaml")) == plan
+    for name, window, message in (("K4cV2", 39, "too little to quantize"), ("K16V4", 40, "keys and values both")):
+        d = yaml.safe_load(plan.to_yaml())
+        d["sharing"]["blocks"]["per_head"][0][1]["window"] = window
+        d["precision"]["per_head"][0][1] = name
+        with pytest.raises(PlanError, match=message):
+            plan_from_dict(d)
+    with pytest.raises(PlanError, match="quantized streaming heads"):
+        plan.new_cache(model, kernels=True)

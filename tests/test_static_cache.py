@@ -11,23 +11,28 @@ from ilc.runtime.static_cache import StaticPoDCache, StaticQuantizedPoDLayer
 from conftest import mixed_plan, quantized, served_plan, tiny_llama
 
 
-def quantized_plan(model, kernels: bool):
+def quantized_plan(model, kernels: bool, streams: bool = False):
     """Quantized heads at three precisions (residual 8, groups of 8): the mixed plan (followers keep their anchors'
     packed keys) on the reference path; full and streaming heads only for the kernels (they do not run followers
-    of quantized anchors)."""
+    of quantized anchors). With `streams` (reference path only): streaming windows of 40 and 52 slots at K4cV4
+    (every head of the last layer), beside a 16-bit one of 4."""
+    if streams:
+        streams = {(1, 0): 40, (3, 2): 4, (2, 1): 52, (4, 0): 52, (4, 1): 52, (4, 2): 52}  # layer 4: streams only
+        base = served_plan(model, streams, sinks=3)
+        return quantized(base, "K4cV2", "K8V4", "K2V2", streams="K4cV4")
     base = served_plan(model, {(1, 0): 4, (3, 2): 2, (4, 1): 7}, sinks=3) if kernels else mixed_plan(model, 3, 5)
     return quantized(base, "K4cV2", "K8V4", "K2V2")
 
 
-@pytest.fixture(params=[(False, False), (True, False), (False, True), (True, True)],
-                ids=["reference", "triton", "quantized-reference", "quantized-triton"])
+@pytest.fixture(params=[(False, False), (True, False), (False, True), (True, True), (False, "streams")],
+                ids=["reference", "triton", "quantized-reference", "quantized-triton", "quantized-streams"])
 def planned(request):
-    """A mixed plan (full, follower and streaming heads in one layer), or a quantized plan (`quantized_plan`),
-    applied with the PyTorch reference or with the Triton kernels (the CPU interpreter here: TRITON_INTERPRET=1,
-    set in conftest)."""
+    """A mixed plan (full, follower and streaming heads in one layer), or a quantized plan (`quantized_plan`, with
+    quantized streaming heads for "quantized-streams"), applied with the PyTorch reference or with the Triton
+    kernels (the CPU interpreter here: TRITON_INTERPRET=1, set in conftest)."""
     kernels, bits = request.param
     model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=16)
-    plan = quantized_plan(model, kernels) if bits else mixed_plan(model, sinks=3, window=5)
+    plan = quantized_plan(model, kernels, bits == "streams") if bits else mixed_plan(model, sinks=3, window=5)
     plan.apply(model, kernels=kernels)
     yield model, plan
     remove_plan(model)
@@ -60,13 +65,15 @@ def test_static_cache_generates_what_the_growing_cache_does(mode, kernels):
         assert (a - b).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "triton"])
-def test_static_quantized_cache_generates_what_the_growing_cache_does(kernels):
+@pytest.mark.parametrize("kernels, streams", [(False, False), (True, False), (False, True)],
+                         ids=["reference", "triton", "quantized-streams"])
+def test_static_quantized_cache_generates_what_the_growing_cache_does(kernels, streams):
     """Packed slots in a static cache: decode steps quantize each group as it leaves the residual, on the device,
     at the growing cache's boundaries; 40 steps with left padding cross several groups. The same tokens and logits
-    as the growing quantized cache, and not those of the 16-bit plan (quantization really ran)."""
+    as the growing quantized cache, and not those of the 16-bit plan (quantization really ran). Quantized streaming
+    heads: packed groups in a ring in the static cache, dropped from the front in the growing one."""
     model = tiny_llama(layers=5, heads=6, kv_heads=3, head_dim=16)
-    plan = quantized_plan(model, kernels)
+    plan = quantized_plan(model, kernels, streams)
     torch.manual_seed(0)
     x = torch.randint(3, 90, (2, 30))
     mask = torch.ones_like(x)
@@ -181,7 +188,15 @@ def test_static_cache_holds_the_plans_bytes_for_max_length(planned):
     ring_group = 2 * 8 * 16 * 4  # batch x group x head_dim x fp32
     sides = sum(len(positions) for layer in cache.layers for slots in getattr(layer, "_slots", list)()
                 for positions, part in slots.groups if part.spec is not None)
-    assert cache.nbytes() == planned_bytes + sides * ring_group
+    streams = [g for layer in cache.layers for g in layer.stream_groups if g.quantized]
+    if not streams:
+        assert cache.nbytes() == planned_bytes + sides * ring_group
+    else:  # a quantized streaming head holds a ring of whole groups for its window: less than its 16-bit ring
+        assert planned_bytes < cache.nbytes()
+        for g in streams:
+            held = sum(t.numel() * t.element_size() for t in g.tensors())
+            sixteen = 2 * 2 * len(g.heads) * (3 + g.window) * 16 * 4  # K and V, batch 2: sinks + window, fp32
+            assert held < 0.8 * sixteen
     assert (sides > 0) == plan.quantized
     with pytest.raises(PlanError, match=f"holds {length} tokens"):
         with torch.no_grad():
