@@ -87,7 +87,8 @@ def decode_attention(query, table, *, group, values, anchor_keys, sink_keys, rin
 def quantized_decode_attention(query, table, *, group, head_k, head_v, k_data, k_scale, k_min, v_data, v_scale,
                                v_min, tail_k, tail_v, row_start, mid_o, mid_lse, k_prefix, k_packed, v_prefix,
                                v_packed, total, scaling, key_bits, value_bits, key_channel, quant_group, nsplit,
-                               split_len, k_ring=0, v_ring=0, residual=0, total_at=None):
+                               split_len, k_ring=0, v_ring=0, residual=0, total_at=None, sink_k=None, sink_v=None,
+                               sinks=0, window=0, k_first=0, v_first=0, groups=0):
     """One split-K launch over quantized heads (`quant_decode.py`); partials go to mid_o / mid_lse as for
     `decode_attention`, then `decode_merge`.
 
@@ -99,22 +100,29 @@ def quantized_decode_attention(query, table, *, group, head_k, head_v, k_data, k
     any tensors for its data. row_start int32 [B].
     A static cache (`slots.StaticSlots`): tails are rings (k_ring / v_ring slots, slot s at s % ring; 0 = linear),
     total_at is a 0-d int64 device tensor holding the slot count (`total` then only bounds the splits), k_packed /
-    v_packed are the packed capacities and the counts follow on the device from `residual`."""
+    v_packed are the packed capacities and the counts follow on the device from `residual`.
+    Quantized streaming heads (window > 0): sink_k / sink_v [B, H, S, D] each row's `sinks` first real tokens; the
+    slots after them in the last `window` count; packed rows shifted by k_first / v_first (growing), or a ring of
+    `groups` groups (static; the counts are then not capped by the capacities)."""
     from .quant_decode import _quant_decode_split
 
     b, hq, _, d = query.shape
+    stream = window > 0
+    sink_k = sink_k if stream and sink_k is not None and sink_k.numel() else query  # any tensor: never read
+    sink_v = sink_v if stream and sink_v is not None and sink_v.numel() else query
     _quant_decode_split[(b, table.shape[0], nsplit)](
-        query, head_k, head_v, k_data, k_scale, k_min, v_data, v_scale, v_min, tail_k, tail_v, row_start, mid_o,
-        mid_lse, table, query if total_at is None else total_at, k_prefix, k_packed, k_ring, v_prefix, v_packed,
-        v_ring, residual, total, scaling, split_len, hq,
+        query, head_k, head_v, k_data, k_scale, k_min, v_data, v_scale, v_min, tail_k, tail_v, sink_k, sink_v,
+        row_start, mid_o, mid_lse, table, query if total_at is None else total_at, k_prefix, k_packed, k_ring,
+        v_prefix, v_packed, v_ring, residual, total, scaling, split_len, hq, sinks, window, k_first, v_first, groups,
         query.stride(0), query.stride(1), head_k.stride(0), head_k.stride(1), head_k.stride(2),
         head_v.stride(0), head_v.stride(1), head_v.stride(2),
         k_data.stride(0), k_data.stride(1), k_data.stride(2), k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         v_data.stride(0), v_data.stride(1), v_data.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         tail_k.stride(0), tail_k.stride(1), tail_k.stride(2), tail_v.stride(0), tail_v.stride(1), tail_v.stride(2),
+        sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=d, BLOCK_N=decode_block(query.device),
         NSPLIT_CAP=mid_o.shape[2], KEY_BITS=key_bits, VALUE_BITS=value_bits, KEY_CHANNEL=key_channel,
-        QGROUP=quant_group, UPCAST=_upcast(query), DEVICE_TOTAL=total_at is not None,
+        QGROUP=quant_group, UPCAST=_upcast(query), DEVICE_TOTAL=total_at is not None, STREAM=stream,
     )
 
 

@@ -44,20 +44,24 @@ def quantized_decode_attention(query: Tensor, table: Tensor, group: int, head_k:
                                mid_lse: Tensor, k_prefix: int, k_packed: int, v_prefix: int, v_packed: int,
                                total: int, scaling: float, key_bits: int, value_bits: int, key_channel: bool,
                                quant_group: int, nsplit: int, split_len: int, k_ring: int = 0, v_ring: int = 0,
-                               residual: int = 0, total_at: Tensor | None = None) -> None:
+                               residual: int = 0, total_at: Tensor | None = None, sink_k: Tensor | None = None,
+                               sink_v: Tensor | None = None, sinks: int = 0, window: int = 0, k_first: int = 0,
+                               v_first: int = 0, groups: int = 0) -> None:
     """See `ilc.kernels.quantized_decode_attention`."""
     _quantized_decode_attention(
         query, table, group=group, head_k=head_k, head_v=head_v, k_data=k_data, k_scale=k_scale, k_min=k_min,
         v_data=v_data, v_scale=v_scale, v_min=v_min, tail_k=tail_k, tail_v=tail_v, row_start=row_start, mid_o=mid_o,
         mid_lse=mid_lse, k_prefix=k_prefix, k_packed=k_packed, v_prefix=v_prefix, v_packed=v_packed, total=total,
         scaling=scaling, key_bits=key_bits, value_bits=value_bits, key_channel=key_channel, quant_group=quant_group,
-        nsplit=nsplit, split_len=split_len, k_ring=k_ring, v_ring=v_ring, residual=residual, total_at=total_at)
+        nsplit=nsplit, split_len=split_len, k_ring=k_ring, v_ring=v_ring, residual=residual, total_at=total_at,
+        sink_k=sink_k, sink_v=sink_v, sinks=sinks, window=window, k_first=k_first, v_first=v_first, groups=groups)
 
 
 @quantized_decode_attention.register_fake
 def _(query, table, group, head_k, head_v, k_data, k_scale, k_min, v_data, v_scale, v_min, tail_k, tail_v, row_start,
       mid_o, mid_lse, k_prefix, k_packed, v_prefix, v_packed, total, scaling, key_bits, value_bits, key_channel,
-      quant_group, nsplit, split_len, k_ring=0, v_ring=0, residual=0, total_at=None) -> None:
+      quant_group, nsplit, split_len, k_ring=0, v_ring=0, residual=0, total_at=None, sink_k=None, sink_v=None, sinks=0,
+      window=0, k_first=0, v_first=0, groups=0) -> None:
     return None
 
 

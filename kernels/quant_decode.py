@@ -12,6 +12,11 @@ capacity (`bits.quantized_tokens`). Each group of QGROUP elements
 has a 16-bit scale and minimum: x = q * scale + minimum; keys grouped per channel (KEY_CHANNEL: QGROUP tokens of
 one channel) or per token (QGROUP channels of one token), values per token. A program handles all query heads
 of one KV head (GQA) for one split of the slots; slots before the row's start (left padding) are masked.
+
+STREAM (quantized STREAMING heads, `slots.Slots` / `StaticSlots` with a window; prefix 0): only the row's sinks
+(SINK_K / SINK_V, [B, H, S, D], read by split 0) and slots in the last `window` after them count. Their packed rows
+are either shifted (growing: packed slot s at row s - first, `first` the slots dropped) or a ring of `groups` groups
+(static: packed slot s at row ((s // QGROUP) % groups) * QGROUP + s % QGROUP, and the packed count is not capped).
 """
 
 from __future__ import annotations
@@ -45,12 +50,14 @@ def _dequantized(DATA, SCALE, MIN, base_data, base_param, s_dn, s_pn, slot, ok, 
 
 
 @triton.jit
-def _slots(HEAD, TAIL, DATA, SCALE, MIN, b, own, slot, live, d, prefix, packed, ring, s_hb, s_hh, s_hn, s_tb, s_th,
-           s_tn, s_db, s_dh, s_dn, s_pb, s_ph, s_pn, BITS: tl.constexpr, CHANNEL: tl.constexpr, QGROUP: tl.constexpr,
-           D: tl.constexpr):
-    """[BLOCK_N, D] fp32 of slots `slot` of head `own` (one `Slots`): 16-bit prefix, packed middle, 16-bit tail
-    (linear, or a ring of `ring` slots)."""
+def _slots(HEAD, TAIL, DATA, SCALE, MIN, b, own, slot, live, d, prefix, packed, ring, first, groups, s_hb, s_hh,
+           s_hn, s_tb, s_th, s_tn, s_db, s_dh, s_dn, s_pb, s_ph, s_pn, BITS: tl.constexpr, CHANNEL: tl.constexpr,
+           QGROUP: tl.constexpr, D: tl.constexpr):
+    """[BLOCK_N, D] fp32 of slots `slot` of head `own` (one `Slots`): 16-bit prefix, packed middle (rows shifted by
+    `first`, or a ring of `groups` groups), 16-bit tail (linear, or a ring of `ring` slots)."""
     tail_start = prefix + packed
+    rel = slot - prefix
+    row = tl.where(groups > 0, ((rel // QGROUP) % tl.maximum(groups, 1)) * QGROUP + rel % QGROUP, rel - first)
     in_head = live & (slot < prefix)
     in_packed = live & (slot >= prefix) & (slot < tail_start)
     in_tail = live & (slot >= tail_start)
@@ -59,26 +66,28 @@ def _slots(HEAD, TAIL, DATA, SCALE, MIN, b, own, slot, live, d, prefix, packed, 
                 other=0.0).to(tl.float32)
     x += tl.load(TAIL + b * s_tb + own * s_th + tail_slot[:, None] * s_tn + d[None, :],
                  mask=in_tail[:, None], other=0.0).to(tl.float32)
-    x += _dequantized(DATA, SCALE, MIN, b * s_db + own * s_dh, b * s_pb + own * s_ph, s_dn, s_pn, slot - prefix,
+    x += _dequantized(DATA, SCALE, MIN, b * s_db + own * s_dh, b * s_pb + own * s_ph, s_dn, s_pn, row,
                       in_packed, d, BITS, CHANNEL, QGROUP, D)
     return x
 
 
 @triton.jit
 def _quant_decode_split(
-    Q, HEAD_K, HEAD_V, K_DATA, K_SCALE, K_MIN, V_DATA, V_SCALE, V_MIN, TAIL_K, TAIL_V, ROW_START, MID_O, MID_LSE,
-    TABLE, TOTAL_AT, k_prefix, k_packed, k_ring, v_prefix, v_packed, v_ring, residual, total, scaling, split_len,
-    n_qheads,
+    Q, HEAD_K, HEAD_V, K_DATA, K_SCALE, K_MIN, V_DATA, V_SCALE, V_MIN, TAIL_K, TAIL_V, SINK_K, SINK_V, ROW_START,
+    MID_O, MID_LSE, TABLE, TOTAL_AT, k_prefix, k_packed, k_ring, v_prefix, v_packed, v_ring, residual, total, scaling,
+    split_len, n_qheads, sinks, window, k_first, v_first, groups,
     s_qb, s_qh, s_hkb, s_hkh, s_hkn, s_hvb, s_hvh, s_hvn, s_kdb, s_kdh, s_kdn, s_kpb, s_kph, s_kpn, s_vdb, s_vdh,
-    s_vdn, s_vpb, s_vph, s_vpn, s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn,
+    s_vdn, s_vpb, s_vph, s_vpn, s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn, s_sb, s_sh, s_sn,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_CAP: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, QGROUP: tl.constexpr,
-    UPCAST: tl.constexpr, DEVICE_TOTAL: tl.constexpr,
+    UPCAST: tl.constexpr, DEVICE_TOTAL: tl.constexpr, STREAM: tl.constexpr,
 ):
     if DEVICE_TOTAL:  # a static cache: the slot count lives on the device, so a captured graph serves every step
         total = tl.load(TOTAL_AT).to(tl.int32)
-        k_packed = tl.minimum(k_packed, tl.maximum(total - k_prefix - residual, 0) // QGROUP * QGROUP)
-        v_packed = tl.minimum(v_packed, tl.maximum(total - v_prefix - residual, 0) // QGROUP * QGROUP)
+        k_count = tl.maximum(total - k_prefix - residual, 0) // QGROUP * QGROUP
+        v_count = tl.maximum(total - v_prefix - residual, 0) // QGROUP * QGROUP
+        k_packed = k_count if groups > 0 else tl.minimum(k_packed, k_count)  # a ring of groups is not a cap
+        v_packed = v_count if groups > 0 else tl.minimum(v_packed, v_count)
     b = tl.program_id(0)
     row = tl.program_id(1)
     split = tl.program_id(2)
@@ -95,14 +104,28 @@ def _quant_decode_split(
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, total)
+    if STREAM:
+        if split == 0:  # the row's sinks: its first `sinks` real tokens, stored apart at 16 bits
+            for start in range(0, sinks, BLOCK_N):
+                k_sink = start + tl.arange(0, BLOCK_N)
+                stored = (k_sink < sinks) & (rs + k_sink < total)
+                at = b * s_sb + own * s_sh + k_sink[:, None] * s_sn + d[None, :]
+                k = tl.load(SINK_K + at, mask=stored[:, None], other=0.0).to(tl.float32)
+                v = tl.load(SINK_V + at, mask=stored[:, None], other=0.0).to(tl.float32)
+                s = _dot(q.to(tl.float32), tl.trans(k), UPCAST) * scaling
+                s = tl.where(stored[None, :], s, float("-inf"))
+                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+        lo = tl.maximum(lo, total - window)  # the rest of the window: after the sinks, in the last `window` slots
     for start in range(lo, hi, BLOCK_N):
         slot = start + tl.arange(0, BLOCK_N)
         live = (slot < hi) & (slot >= rs)
-        k = _slots(HEAD_K, TAIL_K, K_DATA, K_SCALE, K_MIN, b, own, slot, live, d, k_prefix, k_packed, k_ring,
-                   s_hkb, s_hkh, s_hkn, s_tkb, s_tkh, s_tkn, s_kdb, s_kdh, s_kdn, s_kpb, s_kph, s_kpn,
+        if STREAM:
+            live = live & (slot >= rs + sinks)
+        k = _slots(HEAD_K, TAIL_K, K_DATA, K_SCALE, K_MIN, b, own, slot, live, d, k_prefix, k_packed, k_ring, k_first,
+                   groups, s_hkb, s_hkh, s_hkn, s_tkb, s_tkh, s_tkn, s_kdb, s_kdh, s_kdn, s_kpb, s_kph, s_kpn,
                    KEY_BITS, KEY_CHANNEL, QGROUP, D)
         v = _slots(HEAD_V, TAIL_V, V_DATA, V_SCALE, V_MIN, b, own_v, slot, live, d, v_prefix, v_packed, v_ring,
-                   s_hvb, s_hvh, s_hvn, s_tvb, s_tvh, s_tvn, s_vdb, s_vdh, s_vdn, s_vpb, s_vph, s_vpn,
+                   v_first, groups, s_hvb, s_hvh, s_hvn, s_tvb, s_tvh, s_tvn, s_vdb, s_vdh, s_vdn, s_vpb, s_vph, s_vpn,
                    VALUE_BITS, False, QGROUP, D)
         s = _dot(q.to(tl.float32), tl.trans(k), UPCAST) * scaling
         s = tl.where(live[None, :], s, float("-inf"))

@@ -7,8 +7,8 @@ keep them); tokens older than that are quantized in whole groups of `group` toke
 per-channel key group always holds `group` tokens and a cache quantizes once per `group` decode steps.
 A quantized STREAMING head stores its window the same way (slots counted from 0; its sinks are kept apart at 16
 bits) and drops each packed group once none of its tokens is in the window (`window_packed_tokens`); it quantizes
-both sides, and its window must reach past the residual by `STREAM_GROUPS` groups (`stream_layout_error`). Followers' own keys
-hold only proximal tokens and stay 16-bit.
+both sides, and its window must reach past the residual by `STREAM_GROUPS` groups (`stream_layout_error`).
+Followers' own keys hold only proximal tokens and stay 16-bit.
 Torch-free, so that the plan module stays importable without torch.
 """
 
@@ -139,8 +139,8 @@ def stream_layout_error(precision: "HeadPrecision", window: int, residual: int) 
         return f"{precision.name} on a streaming head: a quantized streaming head quantizes keys and values both"
     if window < residual + STREAM_GROUPS * precision.group:
         return (f"{precision.name} on a streaming head with window {window}: a window below the residual plus "
-                f"{STREAM_GROUPS} groups ({residual} + {STREAM_GROUPS} x {precision.group}) has too little to quantize; "
-                "keep it K16V16")
+                f"{STREAM_GROUPS} groups ({residual} + {STREAM_GROUPS} x {precision.group}) has too little to "
+                "quantize; keep it K16V16")
     return None
 
 

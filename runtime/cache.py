@@ -57,7 +57,7 @@ class CacheState:
     follower_rows: int = 0
     kernels: bool | None = None  # Triton kernels: None = on CUDA tensors, True = always, False = never
     residual: int = 0  # recent tokens a quantized head keeps in the model's dtype (the plan's precision:)
-    reference_only: bool = False  # quantized followers or streaming heads: the PyTorch reference path serves all
+    reference_only: bool = False  # quantized heads and followers: the PyTorch reference path serves all
 
     def set_stored_row_start(self, row_start: torch.Tensor | None) -> None:
         """Row starts in stored slots (value heads, followers); `set_row_start` sets both kinds before selection."""
@@ -416,13 +416,14 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
 class QuantizedPoDLayer(PoDLayer):
     """A layer with quantized heads (the plan's ``precision:``): the FULL heads' keys and the value heads' values
     live in `HeadSlots` (each head at its own bits; packed integers beyond the sinks and the residual window) and
-    `stored_keys` / `stored_values` dequantize them. Followers' own keys and streaming heads hold proximal tokens
-    only and stay in the model's dtype. A decode step reads the packed slots in the Triton kernel
+    `stored_keys` / `stored_values` dequantize them. Followers' own keys hold proximal tokens only and stay in the
+    model's dtype; a quantized streaming head keeps its window in windowed `Slots` (its stream group's
+    `key_slots` / `value_slots`, sinks apart at 16 bits). A decode step reads the packed slots in the Triton kernel
     (`ilc.kernels.quant_decode`, plans without followers) or dequantized by the PyTorch reference; the static cache
-    preallocates the same layout (`static_cache.StaticQuantizedPoDLayer`). While a plan's token selection is due, nothing is quantized: selection
-    compacts the prompt first, then it is quantized once. A prompt chunk attends to its own tokens unquantized,
-    as KIVI's prefill does (`fresh` keeps them until the layer's next update; they are stored quantized), so
-    every query sees exactly its sinks and residual at 16 bits, as calibration priced it."""
+    preallocates the same layout (`static_cache.StaticQuantizedPoDLayer`). While a plan's token selection is due,
+    nothing is quantized: selection compacts the prompt first, then it is quantized once. A prompt chunk attends to
+    its own tokens unquantized, as KIVI's prefill does (`fresh` keeps them until the layer's next update; they are
+    stored quantized), so every query sees exactly its sinks and residual at 16 bits, as calibration priced it."""
 
     def __init__(self, layer_idx: int, specs: tuple[HeadSpec, ...], state: CacheState, cache: "PoDCache",
                  precisions: tuple[HeadPrecision, ...]):
@@ -581,13 +582,9 @@ def _grow_ring(ring: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _reference_only(plan: Plan) -> bool:
-    """Whether only the PyTorch reference serves the plan: quantized heads beside followers, or quantized streaming
-    heads (the Triton kernels read neither yet)."""
-    if not plan.quantized:
-        return False
-    streams = any(spec.kind == HeadKind.STREAMING and plan.precision.of(layer, h).quantized
-                  for layer, row in enumerate(plan.head_table()) for h, spec in enumerate(row))
-    return streams or plan.kind_counts()["follower"] > 0
+    """Whether only the PyTorch reference serves the plan: quantized heads beside followers (the Triton kernels do
+    not read followers of quantized anchors yet)."""
+    return plan.quantized and plan.kind_counts()["follower"] > 0
 
 
 class PoDCache(Cache):
@@ -599,8 +596,8 @@ class PoDCache(Cache):
             raise PlanError("kernels=True: the Triton kernels do not run token selection (the plan's selection:) "
                             "yet; pass kernels=None or False")
         if kernels and _reference_only(plan):
-            raise PlanError("kernels=True: the Triton kernels do not run followers of quantized anchors or quantized "
-                            "streaming heads (the plan's precision:) yet; pass kernels=None or False")
+            raise PlanError("kernels=True: the Triton kernels do not run followers of quantized anchors (the "
+                            "plan's precision: with followers) yet; pass kernels=None or False")
         self.plan = plan
         self.state = CacheState(
             sinks=plan.sinks,

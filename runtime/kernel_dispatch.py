@@ -179,10 +179,22 @@ def quantized_launches(layer: QuantizedPoDLayer, device) -> list[tuple[int, int,
     return meta
 
 
+def quantized_stream_launches(layer: QuantizedPoDLayer, device) -> list[tuple[int, torch.Tensor]]:
+    """(StreamGroup index, head table) of each quantized stream group of the layer: rows KV_HEAD, OWN and VALUE (the
+    head's index in the group's key and value `Slots`). Built once per device."""
+    meta = layer.kernel_meta.get(("quantized streams", device))
+    if meta is None:
+        col = LaunchColumn
+        meta = layer.kernel_meta[("quantized streams", device)] = [
+            (index, _table([{col.KV_HEAD: h, col.OWN: pos, col.VALUE: pos} for pos, h in enumerate(g.heads)], device))
+            for index, g in enumerate(layer.stream_groups) if g.quantized]
+    return meta
+
+
 def _decode_streams(query, layer: PoDLayer, launches: list, common: dict) -> None:
-    """The STREAMING launches of a decode step (one per window size): sinks and ring, own K and V."""
+    """The 16-bit STREAMING launches of a decode step (one per window size): sinks and ring, own K and V."""
     for launch in launches:
-        if launch.stream is None:
+        if launch.stream is None or layer.stream_groups[launch.stream].quantized:
             continue
         g = layer.stream_groups[launch.stream]
         sink_k, sink_v = (t if t.numel() else query for t in (g.sink_k, g.sink_v))  # no sinks: any tensor
@@ -198,9 +210,10 @@ def _no_ints(state: CacheState, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _decode_quantized(out, query, layer: QuantizedPoDLayer, total: int, row_start, scaling, total_at=None):
-    """One decode step of a layer with quantized heads (plans without followers): its FULL heads through the
-    quantized kernel (packed slots dequantized in registers), its streaming heads through the decode kernel, one
-    merge. total / total_at as for `_decode` (a static cache: its length, and the slot count on the device)."""
+    """One decode step of a layer with quantized heads (plans without followers): its FULL heads and its quantized
+    streaming heads through the quantized kernel (packed slots dequantized in registers), its 16-bit streaming
+    heads through the decode kernel, one merge. total / total_at as for `_decode` (a static cache: its length, and
+    the slot count on the device)."""
     state = layer.state
     b, hq, _, d = query.shape
     group = hq // len(layer.specs)
@@ -213,20 +226,33 @@ def _decode_quantized(out, query, layer: QuantizedPoDLayer, total: int, row_star
                     dict(common, logits=logits, rs_min=state.row_start_min, sinks=state.sinks))
     no_ints = _no_ints(state, dev)
     for gk, gv, table in quantized_launches(layer, dev):
-        ks, vs = layer.key_slots.groups[gk][1], layer.value_slots.groups[gv][1]
-        data = lambda s: (s.data, s.scale, s.minimum) if s.spec else (no_ints[0], no_ints[1], no_ints[1])  # noqa
-        (k_data, k_scale, k_min), (v_data, v_scale, v_min) = data(ks), data(vs)
-        (head_k, tail_k, k_prefix, k_packed, k_ring), (head_v, tail_v, v_prefix, v_packed, v_ring) = (
-            ks.kernel_layout(), vs.kernel_layout())
-        specs = [s.spec for s in (ks, vs) if s.spec]
-        ops.quantized_decode_attention(
-            query, table, head_k=head_k, head_v=head_v, k_data=k_data, k_scale=k_scale, k_min=k_min,
-            v_data=v_data, v_scale=v_scale, v_min=v_min, tail_k=tail_k, tail_v=tail_v, k_prefix=k_prefix,
-            k_packed=k_packed, k_ring=k_ring, v_prefix=v_prefix, v_packed=v_packed, v_ring=v_ring,
-            residual=state.residual, key_bits=ks.spec.bits if ks.spec else 8,
-            value_bits=vs.spec.bits if vs.spec else 8, key_channel=bool(ks.spec) and ks.spec.axis == "channel",
-            quant_group=specs[0].group if specs else 32, **common)
+        _quantized_launch(query, table, layer.key_slots.groups[gk][1], layer.value_slots.groups[gv][1], common,
+                          no_ints)
+    for index, table in quantized_stream_launches(layer, dev):
+        g = layer.stream_groups[index]
+        _quantized_launch(query, table, g.key_slots, g.value_slots, common, no_ints, sink_k=g.sink_k,
+                          sink_v=g.sink_v, sinks=state.sinks, window=g.window)
     ops.decode_merge(out, mid_o, mid_lse, nsplit)
+
+
+def _quantized_launch(query, table, ks, vs, common: dict, no_ints, **stream) -> None:
+    """One quantized-kernel launch over the heads of `table`: keys in `ks`, values in `vs` (one `Slots` or
+    `StaticSlots` each; a 16-bit side hands placeholder integers); `stream`: a quantized stream group's sinks and
+    window."""
+    data = lambda s: (s.data, s.scale, s.minimum) if s.spec else (no_ints[0], no_ints[1], no_ints[1])  # noqa: E731
+    (k_data, k_scale, k_min), (v_data, v_scale, v_min) = data(ks), data(vs)
+    (head_k, tail_k, k_prefix, k_packed, k_ring), (head_v, tail_v, v_prefix, v_packed, v_ring) = (
+        ks.kernel_layout(), vs.kernel_layout())
+    (k_first, groups), (v_first, _) = ks.packed_rows(), vs.packed_rows()
+    specs = [s.spec for s in (ks, vs) if s.spec]
+    ops.quantized_decode_attention(
+        query, table, head_k=head_k, head_v=head_v, k_data=k_data, k_scale=k_scale, k_min=k_min,
+        v_data=v_data, v_scale=v_scale, v_min=v_min, tail_k=tail_k, tail_v=tail_v, k_prefix=k_prefix,
+        k_packed=k_packed, k_ring=k_ring, v_prefix=v_prefix, v_packed=v_packed, v_ring=v_ring,
+        residual=ks.residual, key_bits=ks.spec.bits if ks.spec else 8,
+        value_bits=vs.spec.bits if vs.spec else 8, key_channel=bool(ks.spec) and ks.spec.axis == "channel",
+        quant_group=specs[0].group if specs else 32, k_first=k_first, v_first=v_first, groups=groups, **stream,
+        **common)
 
 
 def static_decode_triton(query, step, values, scaling):
@@ -257,6 +283,7 @@ def prepare_static(cache, batch: int, device) -> None:
         layer_launches(layer, device)
         if isinstance(layer, QuantizedPoDLayer):
             quantized_launches(layer, device)
+            quantized_stream_launches(layer, device)
 
 
 def pod_attention_triton(query, view: PoDKeys, values, scaling):

@@ -6,9 +6,9 @@ integers with their scales (`ilc.runtime.quant`), quantized in whole groups as `
 `StaticSlots` is the same layout preallocated for a `StaticPoDCache` (the recent slots in a ring), written by a
 decode step with no host read. With a `window` (a quantized STREAMING head: no prefix, its sinks kept apart),
 both drop each packed group once all its tokens are older than the window (`bits.window_packed_tokens`): `Slots`
-shifts its packed rows down, `StaticSlots` keeps the packed groups in a ring just long enough. `HeadSlots` gathers one `Slots` (or `StaticSlots`) per precision for the heads of
-one layer and reads them back in head order. Reading dequantizes (the reference path on CPU); nothing but the
-packed form is held for quantized slots.
+shifts its packed rows down, `StaticSlots` keeps the packed groups in a ring just long enough. `HeadSlots`
+gathers one `Slots` (or `StaticSlots`) per precision for the heads of one layer and reads them back in head order.
+Reading dequantizes (the reference path on CPU); nothing but the packed form is held for quantized slots.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Slots:
         if window is not None and (spec is None or prefix):
             raise ValueError("a windowed Slots quantizes (spec set) and has no prefix")
         self.spec, self.residual, self.prefix = spec, residual, prefix if spec is not None else 0
-        self.window = window
+        self.stream_window = window
         self.dropped = 0  # packed tokens dropped from the front (windowed only)
         self.head = like.new_zeros(b, n, 0, d)  # slots [0, min(total, prefix))
         self.tail = like.new_zeros(b, n, 0, d)  # slots [prefix + packed, total) at [0, tail_len)
@@ -111,13 +111,13 @@ class Slots:
         if self.spec is None:
             return
         target = quantized_tokens(self.total, self.prefix, self.residual, self.spec.group)
-        if self.window is not None:  # tokens already older than the window's groups are dropped unquantized
-            skip = window_packed_tokens(self.total, self.residual, self.spec.group, self.window)[0] - self.packed
-            if skip > 0:
-                self.tail = self.tail[:, :, skip:self.tail_len].clone()
-                self.tail_len -= skip
-                self.packed = self.dropped = self.packed + skip
-        drop = window_packed_tokens(self.total, self.residual, self.spec.group, self.window)[0] if self.window else 0
+        drop = 0 if self.stream_window is None else window_packed_tokens(self.total, self.residual, self.spec.group,
+                                                                         self.stream_window)[0]
+        skip = drop - self.packed
+        if skip > 0:  # tokens already older than the window's groups (a long prompt) leave unquantized
+            self.tail = self.tail[:, :, skip:self.tail_len].clone()
+            self.tail_len -= skip
+            self.packed = self.dropped = drop
         self._drop(min(drop, self.packed))  # before packing, so a window's rows never outgrow its groups
         if target > self.packed:
             self._pack(target)
@@ -131,8 +131,8 @@ class Slots:
         have, want = self.packed - self.dropped, target - self.dropped  # packed rows held now / after this flush
         if want > self.data.shape[2]:
             cap = -(-grown_capacity(want) // self.spec.group) * self.spec.group
-            if self.window is not None:  # the groups a window can hold (as `StaticSlots`)
-                cap = max(want, -(-(self.window - self.residual) // self.spec.group) * self.spec.group)
+            if self.stream_window is not None:  # the groups a window can hold (as `StaticSlots`)
+                cap = max(want, -(-(self.stream_window - self.residual) // self.spec.group) * self.spec.group)
             self.data = resized(self.data, cap, have)
             self.scale, self.minimum = (resized(t, rows(cap), rows(have)) for t in (self.scale, self.minimum))
         self.data[:, :, have:want] = q.data
@@ -185,6 +185,10 @@ class Slots:
         """(16-bit head, 16-bit tail, prefix, packed, ring) as the quantized decode kernel reads them (a linear tail:
         ring 0)."""
         return self.head, self.tail, self.head.shape[2], self.packed, 0
+
+    def packed_rows(self) -> tuple[int, int]:
+        """(first, groups) as the quantized decode kernel maps packed slots to rows: shifted by the dropped slots."""
+        return self.dropped, 0
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.head, self.tail, self.data, self.scale, self.minimum) if t is not None]
@@ -363,6 +367,10 @@ class StaticSlots:
     def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
         """As `Slots.kernel_layout`; packed is the capacity (the kernel counts the packed slots on the device)."""
         return self.head, self.ring, self.prefix, self.capacity, self.window
+
+    def packed_rows(self) -> tuple[int, int]:
+        """As `Slots.packed_rows`: a windowed `StaticSlots` keeps its packed groups in a ring of `groups`."""
+        return 0, self.groups if self.stream_window is not None else 0
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.head, self.ring, self.data, self.scale, self.minimum) if t is not None]

@@ -123,15 +123,19 @@ def test_kernels_refuse_quantized_anchors_with_followers_growing_or_static():
     assert plan.new_cache(model, max_length=64).max_length == 64  # the reference path serves them
 
 
-def test_quantized_decode_through_the_kernels_matches_the_reference(monkeypatch):
+@pytest.mark.parametrize("streams", [False, True], ids=["16-bit-streams", "quantized-streams"])
+def test_quantized_decode_through_the_kernels_matches_the_reference(monkeypatch, streams):
     """kernels=True (Triton's interpreter on CPU): a quantized plan of full and streaming heads decodes through
-    the quantized kernel and the streaming kernel with the reference's tokens and logits."""
+    the quantized kernel and the streaming kernel with the reference's tokens and logits; quantized streaming heads
+    (windows 40 and 48 over 74 tokens: packed groups dropped) through the quantized kernel, sinks included."""
     import ilc.runtime.kernel_dispatch as dispatch
 
     model = tiny_llama(layers=3, heads=4, kv_heads=2, head_dim=16, init_range=0.05)
-    heads = (tuple(blocks_from_layers([[0], [1]])) + (streaming_block(2, 8),),
-             (streaming_block(0, 4),) + tuple(blocks_from_layers([[1], [2]])))
-    plan = quantized(Plan(model=make_plan(model, [[0], [1], [2]]).model, sinks=2, window=4, blocks=heads), "K4cV2")
+    heads = (tuple(blocks_from_layers([[0], [1]])) + (streaming_block(2, 48 if streams else 8),),
+             (streaming_block(0, 40 if streams else 4),) + tuple(blocks_from_layers([[1], [2]])))
+    plan = quantized(Plan(model=make_plan(model, [[0], [1], [2]]).model, sinks=2, window=4, blocks=heads), "K4cV2",
+                     streams="K4cV4" if streams else None)
+    assert plan.precision.of(0, 1).quantized == streams
     x = torch.randint(3, 97, (2, 70), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(x)
     mask[1, :5] = 0
@@ -146,7 +150,7 @@ def test_quantized_decode_through_the_kernels_matches_the_reference(monkeypatch)
                              return_dict_in_generate=True)
         runs[kernels] = (out.sequences, torch.stack(out.logits))
         remove_plan(model)
-    assert len(launches) == 3 * 3  # 3 decode steps x 3 layers with full heads (one precision each)
+    assert len(launches) == 3 * (3 + 2 * streams)  # 3 decode steps x (3 layers with full heads + quantized streams)
     assert torch.equal(runs[True][0], runs[False][0])
     assert (runs[True][1] - runs[False][1]).abs().max() < 1e-3
 
@@ -218,5 +222,3 @@ def test_quantized_streaming_heads_are_checked_and_round_trip(tmp_path):
         d["precision"]["per_head"][0][1] = name
         with pytest.raises(PlanError, match=message):
             plan_from_dict(d)
-    with pytest.raises(PlanError, match="quantized streaming heads"):
-        plan.new_cache(model, kernels=True)

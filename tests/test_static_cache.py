@@ -14,18 +14,20 @@ from conftest import mixed_plan, quantized, served_plan, tiny_llama
 def quantized_plan(model, kernels: bool, streams: bool = False):
     """Quantized heads at three precisions (residual 8, groups of 8): the mixed plan (followers keep their anchors'
     packed keys) on the reference path; full and streaming heads only for the kernels (they do not run followers
-    of quantized anchors). With `streams` (reference path only): streaming windows of 40 and 52 slots at K4cV4
-    (every head of the last layer), beside a 16-bit one of 4."""
+    of quantized anchors). With `streams`: streaming windows of 40 and 52 slots at K4cV4 (every head of the last
+    layer), beside a 16-bit one of 4, and no followers."""
     if streams:
-        streams = {(1, 0): 40, (3, 2): 4, (2, 1): 52, (4, 0): 52, (4, 1): 52, (4, 2): 52}  # layer 4: streams only
-        base = served_plan(model, streams, sinks=3)
+        windows = {(1, 0): 40, (3, 2): 4, (2, 1): 52, (4, 0): 52, (4, 1): 52, (4, 2): 52}  # layer 4: streams only
+        base = served_plan(model, windows, sinks=3)
         return quantized(base, "K4cV2", "K8V4", "K2V2", streams="K4cV4")
     base = served_plan(model, {(1, 0): 4, (3, 2): 2, (4, 1): 7}, sinks=3) if kernels else mixed_plan(model, 3, 5)
     return quantized(base, "K4cV2", "K8V4", "K2V2")
 
 
-@pytest.fixture(params=[(False, False), (True, False), (False, True), (True, True), (False, "streams")],
-                ids=["reference", "triton", "quantized-reference", "quantized-triton", "quantized-streams"])
+@pytest.fixture(params=[(False, False), (True, False), (False, True), (True, True), (False, "streams"),
+                        (True, "streams")],
+                ids=["reference", "triton", "quantized-reference", "quantized-triton", "quantized-streams-reference",
+                     "quantized-streams-triton"])
 def planned(request):
     """A mixed plan (full, follower and streaming heads in one layer), or a quantized plan (`quantized_plan`, with
     quantized streaming heads for "quantized-streams"), applied with the PyTorch reference or with the Triton
@@ -65,8 +67,8 @@ def test_static_cache_generates_what_the_growing_cache_does(mode, kernels):
         assert (a - b).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kernels, streams", [(False, False), (True, False), (False, True)],
-                         ids=["reference", "triton", "quantized-streams"])
+@pytest.mark.parametrize("kernels, streams", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["reference", "triton", "quantized-streams-reference", "quantized-streams-triton"])
 def test_static_quantized_cache_generates_what_the_growing_cache_does(kernels, streams):
     """Packed slots in a static cache: decode steps quantize each group as it leaves the residual, on the device,
     at the growing cache's boundaries; 40 steps with left padding cross several groups. The same tokens and logits
