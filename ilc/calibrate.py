@@ -34,8 +34,8 @@ from .precision import precision_error, streaming_precision_error
 from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
-MIXED_CRITERION_KEYS = ("assignment", "max_error", "streaming_windows", "precisions", "total_error",
-                        "estimated_saving")
+MIXED_CRITERION_KEYS = ("assignment", "max_error", "streaming_windows", "precisions", "streaming_precisions",
+                        "total_error", "estimated_saving")
 KINDS = (HeadKind.FOLLOWER, HeadKind.STREAMING)  # what a (layer, KV head) may become besides full
 KIND_LABELS = tuple(k.label for k in KINDS)
 STREAMING_WINDOWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # candidates, up to half the seq-len
@@ -118,10 +118,13 @@ class CalibrationSettings:
                                    "least the followers' window")
     selection_pool: int = option(Selection.pool, "token selection: width of the pooling over the scores (odd; 1 = "
                                  "none); a wider pool keeps whole neighbourhoods of well-read tokens")
-    precision: tuple[str, ...] = option((), "mixed plans: precisions a shared block may store its keys and values "
-                                        "at besides 16-bit, a comma list of K<bits>[c]V<bits> (bits 8, 4, 2; c: keys "
+    precision: tuple[str, ...] = option((), "mixed plans: precisions a shared block (and a streaming head with a "
+                                        "window past the residual by 4 groups) may store its keys and values at "
+                                        "besides 16-bit, a comma list of K<bits>[c]V<bits> (bits 8, 4, 2; c: keys "
                                         "grouped per channel), e.g. K8V8,K4cV4,K4cV2; each priced per head by the "
                                         "output error of the stored integers", shown_default="16-bit only")
+    streams_16bit: bool = option(False, "with --precision: keep every streaming head at 16 bits (as plans were "
+                                 "chosen before streaming heads' bits were priced)")
     residual: int = option(DEFAULT_RESIDUAL, "recent tokens a quantized head keeps at 16 bits (with the sinks)")
     device: str = option(DEFAULT_DEVICE, "torch device (cpu, cuda, cuda:1, mps)")
     dtype: str | None = option(None, "weights dtype", choices=lambda: DTYPES,
@@ -189,6 +192,9 @@ class CalibrationSettings:
         if self.precision and not self.mixed:
             raise OptionError("--precision prices bits beside kinds in mixed plans: use --method optimal with "
                               "streaming in --kinds (the default)")
+        if self.streams_16bit and not self.precision:
+            raise OptionError("--streams-16bit keeps streaming heads at 16 bits among --precision's options: give "
+                              "--precision")
         if self.max_error is not None and not self.mixed:
             raise OptionError("--max-error is for mixed plans (--kinds follower,streaming); use --min-similarity")
         if self.max_error is not None and self.min_similarity is not None:
@@ -418,7 +424,9 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
     allowed = options[0].allowed
     chosen = {"kinds": [k for k in settings.kinds if HeadKind.from_label(k) in allowed],
               "assignment": "lagrangian-dp", "max_error": max_error, "streaming_windows": list(windows),
-              **({"precisions": list(options[0].precisions)} if settings.precision else {}),
+              **({"precisions": list(options[0].precisions),
+                  "streaming_precisions": list(dict.fromkeys(options[0].stream_precisions))}
+                 if settings.precision else {}),
               "total_error": round(error, 4), "estimated_saving": round(saved, 4)}
     precision = _precision_of_segments(segments, n, settings) if settings.precision else None
     return _blocks_of_segments(sim, segments), chosen, precision
@@ -443,7 +451,8 @@ def _head_options(sim: np.ndarray, stream_err: np.ndarray, windows: tuple[int, .
     follower_saving = saving(follower) - base
     precisions = settings.precisions
     streams = [(w, FULL_PRECISION) for w in windows] + [(w, p) for w in windows for p in precisions[1:]
-                                                        if (p.name, w) in (prec_err or {})]
+                                                        if (p.name, w) in (prec_err or {})
+                                                        and not settings.streams_16bit]
     stream_saving = np.array([saving(HeadSpec(HeadKind.STREAMING, 0, w), p) for w, p in streams]) - base
     anchor_saving = np.array([saving(full, p) for p in precisions]) - base
     values_only = [HeadPrecision(16, p.value_bits, group=p.group) for p in precisions]

@@ -1,6 +1,5 @@
 """Calibration of a tiny random Llama built in code, end to end, plus the bad-input paths."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +11,7 @@ from ilc.options import OptionError
 from ilc.data import CalibrationDataError, default_corpus, load_calibration_set
 from ilc.eval.run import held_bytes
 from ilc.runtime import load_plan
+from ilc.runtime.heads import HeadKind
 
 from conftest import CharTokenizer, tiny_llama
 
@@ -200,9 +200,13 @@ def test_precision_is_priced_and_chosen_beside_kinds(tmp_path):
     assert set(shared) == set(names) and err["K8V8"].mean() < err["K4cV4"].mean() < err["K2V2"].mean()
     assert set(err) - set(shared) == {(n, 256) for n in names}  # the windows past residual + 4 groups (32 + 128)
     assert err["K8V8", 256].mean() < err["K4cV4", 256].mean() < err["K2V2", 256].mean()
-    sixteen = regroup(dataclasses.replace(result, precision_error=shared),
-                      CalibrationSettings(target_saving=0.8, precision=names, **settings), 512)
+    sixteen = regroup(result, CalibrationSettings(target_saving=0.8, precision=names, streams_16bit=True,
+                                                  **settings), 512)
     assert plan.criterion["total_error"] <= sixteen.criterion["total_error"]  # more options, never worse
+    assert plan.criterion["streaming_precisions"] == ["K16V16", *names]
+    assert sixteen.criterion["streaming_precisions"] == ["K16V16"]
+    assert not any(sixteen.precision.of(layer, h).quantized for layer, row in enumerate(sixteen.head_table())
+                   for h, spec in enumerate(row) if spec.kind == HeadKind.STREAMING)
     assert plan.quantized and plan.estimated_saving(512) >= 0.8 - 1e-9
     assert plan.criterion["precisions"] == ["K16V16", *names] and plan.precision.residual == 32
     assert load_plan(plan.save(tmp_path / "q.yaml")) == plan
@@ -218,3 +222,5 @@ def test_precision_is_priced_and_chosen_beside_kinds(tmp_path):
         CalibrationSettings(precision=("K3V3",)).validate()
     with pytest.raises(OptionError, match="--precision"):
         CalibrationSettings(precision=("K8V8",), kinds=("follower",)).validate()
+    with pytest.raises(OptionError, match="--streams-16bit .* give --precision"):
+        CalibrationSettings(streams_16bit=True).validate()
