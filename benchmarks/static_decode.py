@@ -12,7 +12,9 @@ share of the measured copy bandwidth. Prefill per layer against SDPA is in `benc
 
 Run (GPU): python benchmarks/static_decode.py --out docs/static-decode.md
   --precisions K16V16,K8V8,K4cV4 adds plans with every head FULL at those precisions (the quantized decode kernel
-  reading packed int8 / int4 keys and values): the bytes a step reads against its time.
+  reading packed int8 / int4 keys and values): the bytes a step reads against its time; --streams 2048:K4cV4 adds
+  one where every other layer's heads stream a 2048-token window, every head at that precision (the kernel's
+  quantized streaming path: sinks, then the window's packed groups).
 Run (CPU, a correctness smoke test of the script itself, no timing claims): python benchmarks/static_decode.py --smoke
 """
 
@@ -99,7 +101,8 @@ def main(args):
     from transformers import StaticCache
 
     from ilc.runtime import model_signature, remove_plan
-    from ilc.runtime.bits import HeadPrecision, uniform_precision
+    from ilc.runtime.bits import HeadPrecision, Precision, uniform_precision
+    from ilc.runtime.plan import Block, streaming_block
     from kernel_speed import decode_bytes
 
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -112,6 +115,15 @@ def main(args):
         every_head = llama8b_plan(sig, block=1, sinks=sinks, window=window)
         plans[f"every head {name}"] = every_head.with_options(precision=uniform_precision(
             every_head.head_table(), HeadPrecision.parse(name), residual=16 if args.smoke else 128))
+    if args.streams:  # every other layer streaming, everything at one precision
+        window_text, name = args.streams.split(":")
+        base = llama8b_plan(sig, block=1, sinks=sinks, window=window)
+        n = sig.num_layers
+        blocks = tuple(tuple(streaming_block(layer, int(window_text)) if layer % 2 else Block((layer,))
+                             for layer in range(n)) for _ in range(sig.num_kv_heads))
+        precision = HeadPrecision.parse(name)
+        plans[f"odd layers streaming {window_text}, all {name}"] = base.with_options(
+            blocks=blocks, precision=Precision(((precision,) * n,) * sig.num_kv_heads, 16 if args.smoke else 128))
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     compile_mode = None if args.smoke else "reduce-overhead"
@@ -172,6 +184,8 @@ if __name__ == "__main__":
     ap.add_argument("--max-cache-gib", type=float, default=40.0, help="skip settings whose dense cache is larger")
     ap.add_argument("--precisions", default="", help="also plans with every head FULL at these precisions, e.g. "
                     "K16V16,K8V8,K4cV4 (fp16 vs int8 vs int4 reads)")
+    ap.add_argument("--streams", default="", help="also a plan whose odd layers stream WINDOW tokens, every head at "
+                    "PRECISION, as WINDOW:PRECISION, e.g. 2048:K4cV4")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, no compile, to check the script runs")
     ap.add_argument("--out")
     main(ap.parse_args())
