@@ -30,7 +30,7 @@ from .attention_stats import record_sample, recording, sample_rows
 from .data import load_calibration_set, read_documents, default_corpus, retrieval_samples
 from .models import DEFAULT_DEVICE, DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, model_context
 from .options import OptionError, check_context, enum_words, option
-from .precision import precision_error, streaming_precision_error
+from .precision import precision_error
 from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
@@ -296,10 +296,9 @@ def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model
         stream_err = streaming_error(records, choice.sinks, windows)
     prec_err = None
     if settings.precision:
-        prec_err = precision_error(records, choice.sinks, settings.residual, list(settings.precisions[1:]))
-        if settings.mixed:
-            prec_err.update(streaming_precision_error(records, choice.sinks, settings.residual, windows,
-                                                      list(settings.precisions[1:])))
+        stream_windows = () if settings.streams_16bit else windows  # streaming heads' bits priced too
+        prec_err = precision_error(records, choice.sinks, settings.residual, list(settings.precisions[1:]),
+                                   stream_windows)
     signature = model_signature(model, name=source_name)
     per_head, chosen, precision = plan_heads(sim, stream_err, windows, settings, target_context, choice.sinks,
                                              choice.window, prec_err, signature.head_dim)
@@ -479,13 +478,10 @@ def _precision_of_segments(segments, num_layers: int, settings: CalibrationSetti
     for segs in segments:
         row = [FULL_PRECISION] * num_layers
         for seg in segs:
-            if seg.streaming_window is not None:
-                row[seg.layers[0]] = HeadPrecision.parse(seg.precision)
-            else:
-                p = HeadPrecision.parse(seg.precision)
-                row[seg.layers[0]] = p
-                for layer in seg.layers[1:]:
-                    row[layer] = HeadPrecision(16, p.value_bits, group=p.group)
+            p = HeadPrecision.parse(seg.precision)
+            row[seg.layers[0]] = p
+            for layer in seg.layers[1:]:  # a shared block's followers (a streaming segment has one layer)
+                row[layer] = HeadPrecision(16, p.value_bits, group=p.group)
         heads.append(tuple(row))
     return Precision(tuple(heads), settings.residual)
 

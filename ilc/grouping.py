@@ -175,6 +175,8 @@ class HeadOptions:
                             ("follower_precision_saving", (count,))):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, np.zeros(shape))
+        if not self.stream_precisions:
+            object.__setattr__(self, "stream_precisions", (self.precisions[0],) * len(self.windows))
 
 
 @dataclass(frozen=True)
@@ -235,8 +237,7 @@ def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | 
             error += block_error
             saving += block_saving
         else:
-            segments.append(Segment((a,), opt.windows[k], opt.stream_precisions[k] if opt.stream_precisions
-                                    else "K16V16"))
+            segments.append(Segment((a,), opt.windows[k], opt.stream_precisions[k]))
             error += float(opt.streaming_error[a, k])
             saving += float(opt.streaming_saving[k])
         end = a

@@ -118,8 +118,7 @@ class PoDKeys:
         if index not in self.stream_recent:
             group = self.layer.stream_groups[index]
             if group.quantized:
-                (lo, keys), (_, values) = group.key_slots.window_slots(), group.value_slots.window_slots()
-                self.stream_recent[index] = (lo, keys, values)
+                self.stream_recent[index] = group.stored_window()
                 return self.stream_recent[index]
             total = self.logical_total
             lo = max(0, total - group.window)
@@ -153,6 +152,11 @@ class StreamGroup:
             slots = [] if self.key_slots is None else self.key_slots.tensors() + self.value_slots.tensors()
             return self.sink_k, self.sink_v, *slots
         return self.sink_k, self.sink_v, self.ring_k, self.ring_v
+
+    def stored_window(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Quantized: (first slot, keys, values [B, n, slots, D]) of what the window's slots hold, dequantized."""
+        (first, keys), (_, values) = self.key_slots.window_slots(), self.value_slots.window_slots()
+        return first, keys, values
 
     def map_batch(self, fn) -> None:
         if self.sink_k is None:
@@ -200,10 +204,10 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
         self.stream_heads = [h for h, s in enumerate(specs) if s.kind == HeadKind.STREAMING]
         self.value_heads = [h for h, s in enumerate(specs) if s.kind != HeadKind.STREAMING]
         self.value_pos = {h: i for i, h in enumerate(self.value_heads)}  # KV head -> index in `values`
-        kinds = sorted({(specs[h].window, self._precision(h)) for h in self.stream_heads},
-                       key=lambda kind: (kind[0], kind[1].name))
-        self.stream_groups = [StreamGroup(w, [h for h in self.stream_heads if (specs[h].window, self._precision(h))
-                                              == (w, p)], p) for w, p in kinds]
+        kind = lambda h: (specs[h].window, self._precision(h))  # noqa: E731  what a stream group shares
+        kinds = sorted({kind(h) for h in self.stream_heads}, key=lambda k: (k[0], k[1].name))
+        self.stream_groups = [StreamGroup(w, [h for h in self.stream_heads if kind(h) == (w, p)], p)
+                              for w, p in kinds]
         self.seen = 0
         self.capacity = 0
         self.anchor_keys: torch.Tensor | None = None  # [B, Ha, cap, D]
@@ -310,7 +314,7 @@ class PoDLayer(LogicalLength, CacheLayerMixin):
                 _store_sinks(dest, new, logical, state.stream_row_start, state.stream_row_start_max, state.sinks)
             if group.quantized:
                 if n > 1:  # the chunk attends to its own tokens at 16 bits, as in the quantized FULL heads
-                    (lo, old_k), (_, old_v) = group.key_slots.window_slots(), group.value_slots.window_slots()
+                    lo, old_k, old_v = group.stored_window()
                     view.stream_recent[index] = (lo, torch.cat([old_k, k], 2), torch.cat([old_v, v], 2))
                 self._write_stream(group, logical, k, v)
                 continue

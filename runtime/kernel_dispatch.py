@@ -86,6 +86,8 @@ def layer_launches(layer: PoDLayer, device) -> LayerLaunches:
     decode = [DecodeLaunch(_table(rows, device), src) for src, rows in by_source.items() if rows]
     streams = []
     for index, group in enumerate(layer.stream_groups):
+        if group.quantized:  # the quantized kernel reads it (`quantized_stream_launches`)
+            continue
         table = _table([{col.KV_HEAD: h, col.KIND: launch_kind(HeadKind.STREAMING, layer.state.mode), col.OWN: pos}
                         for pos, h in enumerate(group.heads)], device)
         decode.append(DecodeLaunch(table, stream=index))
@@ -194,7 +196,7 @@ def quantized_stream_launches(layer: QuantizedPoDLayer, device) -> list[tuple[in
 def _decode_streams(query, layer: PoDLayer, launches: list, common: dict) -> None:
     """The 16-bit STREAMING launches of a decode step (one per window size): sinks and ring, own K and V."""
     for launch in launches:
-        if launch.stream is None or layer.stream_groups[launch.stream].quantized:
+        if launch.stream is None:
             continue
         g = layer.stream_groups[launch.stream]
         sink_k, sink_v = (t if t.numel() else query for t in (g.sink_k, g.sink_v))  # no sinks: any tensor

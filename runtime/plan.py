@@ -463,8 +463,9 @@ def _validate_precision(plan: Plan, where: str) -> None:
     for layer, row in enumerate(plan.head_table()):
         for h, spec in enumerate(row):
             x = p.of(layer, h)
-            if spec.kind == HeadKind.STREAMING and stream_layout_error(x, spec.window, p.residual):
-                raise PlanError(f"{where}per_head[{h}][{layer}]: {stream_layout_error(x, spec.window, p.residual)}")
+            problem = stream_layout_error(x, spec.window, p.residual) if spec.kind == HeadKind.STREAMING else None
+            if problem:
+                raise PlanError(f"{where}per_head[{h}][{layer}]: {problem}")
             if spec.kind == HeadKind.FOLLOWER and x.key_bits < 16:
                 raise PlanError(f"{where}per_head[{h}][{layer}]: {x.name} on a follower; a follower's keys are its "
                                 "anchor's, only its values can be quantized (K16V<bits>)")

@@ -249,6 +249,16 @@ class StaticSlots:
         """Scale rows of the first `tokens` packed tokens."""
         return tokens if self.spec.axis == Axis.TOKEN else tokens // self.spec.group
 
+    def _group_rows(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed rows, scale rows) of the packed groups k [n] (group k at row (k % groups) * group)."""
+        at = k % self.groups
+        tokens = (at[:, None] * self.spec.group + torch.arange(self.spec.group, device=k.device)).flatten()
+        return tokens, tokens if self.spec.axis == Axis.TOKEN else at
+
+    def _packed_count(self, position: torch.Tensor) -> torch.Tensor:
+        """Tokens held as integers after the token at slot `position` (a device tensor): `quantized_tokens`."""
+        return (position + 1 - self.prefix - self.residual).clamp(min=0) // self.spec.group * self.spec.group
+
     def write(self, start: int, x: torch.Tensor) -> None:
         """Store x [B, n, m, D] as slots [start, start + m) and quantize what has left the residual (eager)."""
         m = x.shape[2]
@@ -264,10 +274,8 @@ class StaticSlots:
                 lo = self.prefix + first  # the first slot to quantize: in the ring, or in x
                 src = torch.cat([ring_read(self.ring, self.window, lo, start), x[:, :, max(0, lo - start):]], dim=2)
                 q = quantize(src[:, :, :target - first], self.spec)
-                groups = (torch.arange(first // g, target // g, device=x.device) % self.groups)
-                tokens = (groups[:, None] * g + torch.arange(g, device=x.device)).flatten()
+                tokens, rows = self._group_rows(torch.arange(first // g, target // g, device=x.device))
                 self.data.index_copy_(2, tokens, q.data)
-                rows = tokens if self.spec.axis == Axis.TOKEN else groups
                 self.scale.index_copy_(2, rows, q.scale)
                 self.minimum.index_copy_(2, rows, q.minimum)
                 self.packed = target
@@ -300,10 +308,9 @@ class StaticSlots:
         beyond = total - self.prefix - self.residual  # slots past the residual
         due = (beyond >= g) & (beyond % g == 0)
         k = (beyond - g).clamp(min=0) // g  # the group (when due)
-        at = torch.arange(g, device=total.device)
-        tokens = (k % self.groups) * g + at  # its packed rows
-        q = quantize(self.ring.index_select(2, (self.prefix + k * g + at) % self.window), self.spec)
-        rows = tokens if self.spec.axis == Axis.TOKEN else (k % self.groups).view(1)
+        tokens, rows = self._group_rows(k.view(1))
+        slots = self.prefix + k * g + torch.arange(g, device=total.device)
+        q = quantize(self.ring.index_select(2, slots % self.window), self.spec)
         self.data.index_copy_(2, tokens, torch.where(due, q.data, self.data.index_select(2, tokens)))
         for t, new in ((self.scale, q.scale), (self.minimum, q.minimum)):
             t.index_copy_(2, rows, torch.where(due, new, t.index_select(2, rows)))
@@ -315,8 +322,7 @@ class StaticSlots:
         recent = self.ring.index_select(2, slots % self.window)
         if not self.capacity:
             return torch.cat([self.head, recent[:, :, self.prefix:]], dim=2) if self.prefix else recent
-        g = self.spec.group
-        packed = (position + 1 - self.prefix - self.residual).clamp(min=0) // g * g
+        packed = self._packed_count(position)
         rest = recent[:, :, self.prefix + self.capacity:]
         stored = torch.cat([self.head, dequantize(Quantized(self.data, self.scale, self.minimum, self.spec),
                                                   self.ring.dtype), rest], dim=2)
@@ -338,24 +344,18 @@ class StaticSlots:
         first = max(0, self.packed - self.capacity)
         parts = []
         if self.packed > first:
-            groups = torch.arange(first // g, self.packed // g, device=self.ring.device) % self.groups
-            tokens = (groups[:, None] * g + torch.arange(g, device=self.ring.device)).flatten()
-            rows = tokens if self.spec.axis == Axis.TOKEN else groups
+            tokens, rows = self._group_rows(torch.arange(first // g, self.packed // g, device=self.ring.device))
             parts.append(dequantize(Quantized(self.data.index_select(2, tokens), self.scale.index_select(2, rows),
                                               self.minimum.index_select(2, rows), self.spec), self.ring.dtype))
         parts.append(ring_read(self.ring, self.window, self.packed, self.written))
         return first, torch.cat(parts, dim=2)
 
-    def window_read(self, position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def window_read(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(vectors [B, n, capacity + ring, D] in the model's dtype, the slot of each [capacity + ring], -1 where
-        none) after the token at slot `position` (a device tensor; None: after the last eager `write`): the packed
-        rows dequantized, then the ring's slots not yet packed. For windowed slots; masks pick the window."""
-        if position is None:
-            written, packed = torch.tensor(self.written - 1), self.packed
-        else:
-            written = position
-            packed = (position + 1 - self.prefix - self.residual).clamp(min=0) // self.spec.group * self.spec.group
-        recent = ring_slots(written.to(self.ring.device), self.window)
+        none) after the token at slot `position` (a device tensor): the packed rows dequantized, then the ring's
+        slots not yet packed. For windowed slots; masks pick the window."""
+        packed = self._packed_count(position)
+        recent = ring_slots(position, self.window)
         recent = torch.where(recent >= self.prefix + packed, recent, -1)
         parts = [self.ring]
         slots = [recent]

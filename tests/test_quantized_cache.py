@@ -184,7 +184,12 @@ def test_windowed_slots_hold_the_windows_groups_as_unwindowed_slots_store_them(s
         dropped, kept = window_packed_tokens(hi, residual, spec.group, window)
         assert first == dropped and hi - first < window + spec.group + residual and torch.equal(got, want[:, :, first:])
         assert growing.used_bytes() == 2 * 3 * (spec.stored_bytes(kept, 16) + (hi - dropped - kept) * 16 * 4)
-        vectors, slot = static.window_read(position if hi - lo == 1 else None)
+        if hi - lo > 1:  # a prompt: read eagerly, in slot order
+            static_first, vectors = static.window_slots()
+            assert static_first <= first
+            assert torch.allclose(vectors[:, :, first - static_first:], want[:, :, first:], atol=1e-6)
+            continue
+        vectors, slot = static.window_read(position)
         held = slot >= first
         assert torch.equal(slot[held].sort().values, torch.arange(first, hi))
         order = slot[held].argsort()
