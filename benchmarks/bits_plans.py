@@ -46,7 +46,8 @@ PLANS = {"75": (0.755, None, "snapkv"), "90": (0.905, None, "snapkv"),
          "90-replay": (0.91, 0.25, "replay", PRECISIONS, 64, 15), "50": (0.5, None, "snapkv"),
          "90-keep-w16": (0.91, 0.25, "snapkv", PRECISIONS, 16, 15),  # the last 16 prompt queries score the tokens
          "90-keep-w16-p31": (0.91, 0.25, "snapkv", PRECISIONS, 16, 31),  # ... pooled over 31 tokens, not 15
-         "75-streams": (0.755, None, "snapkv")}
+         "75-streams": (0.755, None, "snapkv"),
+         "90-priced": (0.91, 0.25, "snapkv", PRECISIONS, 16, 31, True)}  # selection's loss priced (its own records)
 # "75" and "75-streams" share their flags: plan-75.yaml was written before calibration priced bits for streaming
 # heads, plan-75-streams.yaml after (a calibration run now regroups "75" to the latter; both files are reused as
 # they are)
@@ -55,7 +56,7 @@ PLANS = {"75": (0.755, None, "snapkv"), "90": (0.905, None, "snapkv"),
 # (2 CPU cores: hours).
 JOBS = (("75", "plan", "all"), ("90", "plan", "all"), ("90-keep", "plan", "all"), ("90-keep-w16", "plan", "all"),
         ("90-keep-w16-p31", "plan", "all"),
-        ("90-keep-4bit", "plan", "all"), ("75-streams", "plan", "all"),
+        ("90-keep-4bit", "plan", "all"), ("75-streams", "plan", "all"), ("90-priced", "plan", "all"),
         ("50", "plan", "ppl"), ("75", "int4", "ppl"), ("75", "streaming-equal", "ppl"),
         ("90-keep", "streaming-equal", "ppl"), ("90-keep", "int2", "ppl"))
 PPL_PROMPT = 1024  # perplexity: the text's first 1024 tokens are the prompt, the rest is read 64 tokens at a time
@@ -64,14 +65,18 @@ LABELS = {"75": "ilc 75%", "90": "ilc 90%, no selection", "90-keep": "ilc 90% + 
           "90-keep-4bit": "ilc 90% + selection 20%, no 2-bit values", "90-replay": "ilc 90% + replay selection 25%",
           "50": "ilc 50%", "90-keep-w16": "ilc 90% + selection 25%, 16 observing queries",
           "90-keep-w16-p31": "ilc 90% + selection 25%, 16 observing queries, pool 31",
-          "75-streams": "ilc 75%, streaming heads quantized too"}
+          "75-streams": "ilc 75%, streaming heads quantized too",
+          "90-priced": "ilc 90% + selection 25%, 16 observing queries, pool 31, selection's loss priced"}
 
 
 def settings(target: float, keep: float | None = None, scorer: str = "snapkv",
              precision: tuple[str, ...] = PRECISIONS, selection_window: int = 64,
-             selection_pool: int = CalibrationSettings.selection_pool) -> CalibrationSettings:
+             selection_pool: int = CalibrationSettings.selection_pool, priced: bool = False) -> CalibrationSettings:
+    """A plan's flags; `priced`: selection's loss priced, which needs a calibration with the same --keep (the
+    plans before it were chosen with selection free, so that one calibration without --keep serves them all)."""
     return CalibrationSettings(seq_len=SEQ_LEN, target_saving=target, precision=precision, keep=keep, scorer=scorer,
-                               selection_window=selection_window, selection_pool=selection_pool)
+                               selection_window=selection_window, selection_pool=selection_pool,
+                               free_selection=keep is not None and not priced)
 
 
 def evaluate(model, tok, plan, method, samples, out_dir: Path, ppl_ids, what: str, reference) -> dict:

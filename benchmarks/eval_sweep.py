@@ -109,8 +109,8 @@ def selection_rows(out: str, lengths, depths, seeds, haystack: str | None, targe
     ppl_ids = pack(docs or [], tok, max(lengths), 1).samples if docs else None
     for target, keep in zip(targets, keeps):
         tag = int(round(target * 100))
-        plan = regroup(base, CalibrationSettings(seq_len=SEQ_LEN, target_saving=target, keep=keep, scorer=scorer),
-                       SEQ_LEN)
+        plan = regroup(base, CalibrationSettings(seq_len=SEQ_LEN, target_saving=target, keep=keep, scorer=scorer,
+                                                 free_selection=True), SEQ_LEN)  # as docs/eval-sweep's plans were
         plan.save(out_dir / f"plan-selection-{tag}.yaml")
         s = evaluate(model, tok, plan, ["plan", "selection-equal"], samples, out_dir / f"selection-{tag}", ppl_ids)
         alone = selection_plan(plan, equal_memory_selection(plan, SEQ_LEN))

@@ -35,6 +35,9 @@ class SampleRecord:
     keys, queries (only when recorded `with_keys`, to price key precision):
     keys    [L, Hkv, T, D] float16 each layer's keys (after RoPE, as the cache stores them)
     queries [L, Hq, R, D] float32  the sampled rows' queries; `scaling` the attention's logit scale
+    observed [L, Hq, R, w, D] float16 (only when recorded with `observe` = w, to price token selection): for each
+                                   sampled row, the queries of the w positions before it, the end of a prompt that
+                                   selection would score right before that row is decoded (`ilc.selection_loss`)
     """
 
     probs: torch.Tensor
@@ -44,17 +47,20 @@ class SampleRecord:
     keys: torch.Tensor | None = None
     queries: torch.Tensor | None = None
     scaling: float | None = None
+    observed: torch.Tensor | None = None
 
 
 class SampleRecorder:
-    def __init__(self, num_layers: int, rows: torch.Tensor, with_keys: bool = False):
+    def __init__(self, num_layers: int, rows: torch.Tensor, with_keys: bool = False, observe: int = 0):
         self.rows = rows
         self.with_keys = with_keys
+        self.observe_rows = (rows[:, None] - observe + torch.arange(observe)).clamp(min=0) if observe else None
         self.probs: list[torch.Tensor | None] = [None] * num_layers
         self.lse: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.queries: list[torch.Tensor | None] = [None] * num_layers
+        self.observed: list[torch.Tensor | None] = [None] * num_layers
         self.scaling: float | None = None
 
     def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
@@ -74,6 +80,9 @@ class SampleRecorder:
             self.keys[layer] = key[0].to(torch.float16).cpu()
             self.queries[layer] = q.cpu()
             self.scaling = scaling
+        if self.observe_rows is not None:
+            observed = query[0, :, self.observe_rows.to(query.device)]  # [Hq, R, w, D]
+            self.observed[layer] = observed.to(torch.float16).cpu()
 
     def finish(self) -> SampleRecord:
         if any(p is None for p in self.probs):
@@ -83,6 +92,8 @@ class SampleRecorder:
         record = SampleRecord(torch.stack(self.probs), torch.stack(self.lse), torch.stack(self.values), self.rows)
         if self.with_keys:
             record.keys, record.queries, record.scaling = torch.stack(self.keys), torch.stack(self.queries), self.scaling
+        if self.observe_rows is not None:
+            record.observed = torch.stack(self.observed)
         return record
 
 
@@ -121,10 +132,11 @@ def recording(model):
 
 
 @torch.no_grad()
-def record_sample(model, input_ids: torch.Tensor, rows: torch.Tensor, with_keys: bool = False) -> SampleRecord:
+def record_sample(model, input_ids: torch.Tensor, rows: torch.Tensor, with_keys: bool = False,
+                  observe: int = 0) -> SampleRecord:
     """One forward over one sample [1, T] under `recording(model)`; returns its record (`with_keys`: also the keys
-    and the sampled rows' queries)."""
-    recorder = SampleRecorder(model.config.get_text_config().num_hidden_layers, rows, with_keys)
+    and the sampled rows' queries; `observe`: also the queries of that many positions before each row)."""
+    recorder = SampleRecorder(model.config.get_text_config().num_hidden_layers, rows, with_keys, observe)
     token = _active.set(recorder)
     try:
         model(input_ids.to(model.device), use_cache=False)

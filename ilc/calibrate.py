@@ -3,7 +3,8 @@
 Steps: pack the text into samples, and build retrieval samples from the same text (`data`); record sampled-row
 attention on each (`attention_stats`); choose the proximal windows from the prose samples (`windows`); price
 every option per (layer, KV head) on all samples (`similarity`: a follower's output change per anchor, a
-streaming head's output change per window); choose per head (`grouping`): shared blocks only (`--kinds
+streaming head's output change per window; `precision`: each precision's; `selection_loss`: what token
+selection drops, with --keep); choose per head (`grouping`): shared blocks only (`--kinds
 follower`, or the paper's rule), or a mixed plan of full, follower and streaming heads under a budget; write
 provenance. Same data, settings and seed give a byte-identical plan.
 """
@@ -11,7 +12,7 @@ provenance. Same data, settings and seed give a byte-identical plan.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -31,11 +32,12 @@ from .data import load_calibration_set, read_documents, default_corpus, retrieva
 from .models import DEFAULT_DEVICE, DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, model_context
 from .options import OptionError, check_context, enum_words, option
 from .precision import precision_error
+from .selection_loss import can_price, selection_error
 from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
 MIXED_CRITERION_KEYS = ("assignment", "max_error", "streaming_windows", "precisions", "streaming_precisions",
-                        "total_error", "estimated_saving")
+                        "selection_loss", "total_error", "estimated_saving")
 KINDS = (HeadKind.FOLLOWER, HeadKind.STREAMING)  # what a (layer, KV head) may become besides full
 KIND_LABELS = tuple(k.label for k in KINDS)
 STREAMING_WINDOWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # candidates, up to half the seq-len
@@ -112,12 +114,15 @@ class CalibrationSettings:
                                      shown_default="0.1 without --target-saving, none with it")
     keep: float | None = option(None, "token selection (SnapKV-style, once at the end of prefill): the share of "
                                 "distant tokens every full head keeps; followers keep their anchor's choice, "
-                                "streaming heads are unaffected", shown_default="no selection")
+                                "streaming heads are unaffected; what it loses is priced per head (mixed plans)",
+                                shown_default="no selection")
     scorer: str = option("snapkv", "token selection's scoring rule", choices=lambda: SCORERS)
     selection_window: int = option(64, "token selection: recent tokens always kept and the queries that score; at "
                                    "least the followers' window")
     selection_pool: int = option(Selection.pool, "token selection: width of the pooling over the scores (odd; 1 = "
                                  "none); a wider pool keeps whole neighbourhoods of well-read tokens")
+    free_selection: bool = option(False, "with --keep: price selection's loss at zero (as plans were chosen before "
+                                  "it was priced; the replay scorer is never priced)")
     precision: tuple[str, ...] = option((), "mixed plans: precisions a shared block (and a streaming head with a "
                                         "window past the residual by 4 groups) may store its keys and values at "
                                         "besides 16-bit, a comma list of K<bits>[c]V<bits> (bits 8, 4, 2; c: keys "
@@ -138,6 +143,15 @@ class CalibrationSettings:
         if self.keep is None:
             return None
         return Selection(keep=self.keep, scorer=self.scorer, window=self.selection_window, pool=self.selection_pool)
+
+    @property
+    def priced_selection(self) -> Selection | None:
+        """The selection whose loss calibration measures (`ilc.selection_loss`), or None: no --keep,
+        --free-selection, a scorer calibration cannot run, or a plan without per-head choices."""
+        selection = self.selection
+        if selection is None or self.free_selection or not self.mixed or not can_price(selection):
+            return None
+        return selection
 
     @property
     def precisions(self) -> tuple[HeadPrecision, ...]:
@@ -192,6 +206,8 @@ class CalibrationSettings:
         if self.precision and not self.mixed:
             raise OptionError("--precision prices bits beside kinds in mixed plans: use --method optimal with "
                               "streaming in --kinds (the default)")
+        if self.free_selection and self.keep is None:
+            raise OptionError("--free-selection prices token selection at zero: give --keep")
         if self.streams_16bit and not self.precision:
             raise OptionError("--streams-16bit keeps streaming heads at 16 bits among --precision's options: give "
                               "--precision")
@@ -228,6 +244,7 @@ class CalibrationResult:
     streaming_error: np.ndarray | None = None  # [Hkv, L, len(streaming_windows)] (mixed plans)
     streaming_windows: tuple[int, ...] = ()
     precision_error: dict | None = None  # precision name -> [Hkv, L]; (name, window) -> [Hkv, L] of a streaming head
+    selection_error: dict = field(default_factory=dict)  # Selection -> [Hkv, L] (`selection_loss`)
 
 
 def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_name: str | None = None,
@@ -258,33 +275,36 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
     problems = [p.layout_error(head_dim) for p in settings.precisions if p.layout_error(head_dim)]
     if problems:
         raise OptionError(f"--precision: {problems[0]}")
-    records = record_calibration(model, data, retrieval, rows, with_keys=bool(settings.precision),
-                                 progress=progress)
+    priced = settings.priced_selection
+    records = record_calibration(model, data, retrieval, rows, with_keys=bool(settings.precision or priced),
+                                 observe=priced.observation if priced else 0, progress=progress)
     prose = records[:len(data.samples)]  # windows follow ordinary text; options are priced on every sample
     choice = choose_windows(prose, settings.seq_len, settings.sinks, settings.window, settings.window_mass)
     if choice.sinks + choice.window >= settings.seq_len // 2 + 1:
         raise ValueError(f"sinks + window ({choice.sinks} + {choice.window}) leave no distant tokens at the sampled "
                          f"rows of --seq-len {settings.seq_len}; use a longer --seq-len or a smaller --window")
+    sel_err = {priced: selection_error(records, choice.sinks, priced)} if priced else {}
     plan, sim, stream_err, windows, prec_err = _compile(records, choice, settings, model, source_name, data,
-                                                        retrieval, rows)
-    return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows, prec_err)
+                                                        retrieval, rows, sel_err.get(priced))
+    return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows, prec_err, sel_err)
 
 
-def record_calibration(model, data, retrieval, rows: torch.Tensor, with_keys: bool = False,
+def record_calibration(model, data, retrieval, rows: torch.Tensor, with_keys: bool = False, observe: int = 0,
                        progress: bool = True) -> list:
-    """Records of every prose sample (at `rows`) then every retrieval sample (at its own rows)."""
+    """Records of every prose sample (at `rows`) then every retrieval sample (at its own rows); `observe`: also
+    the queries of that many positions before each row (to price token selection)."""
     work = [(sample, rows) for sample in data.samples] + [(r.ids, r.rows) for r in retrieval]
     records = []
     with recording(model):
         for ids, sample_rows_ in tqdm(work, desc="calibrating", unit="sample", disable=not progress):
-            records.append(record_sample(model, ids[None], sample_rows_, with_keys))
+            records.append(record_sample(model, ids[None], sample_rows_, with_keys, observe))
     return records
 
 
 def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model, source_name, data, retrieval,
-             rows) -> tuple:
+             rows, sel_err: np.ndarray | None) -> tuple:
     """(plan, similarity, streaming errors, streaming windows, precision errors) from the recorded samples and the
-    chosen windows."""
+    chosen windows (`sel_err`: selection's priced loss, `plan_heads`)."""
     cfg = model.config.get_text_config()
     criterion = settings.criterion or METHODS[settings.method].criterion
     span = min(settings.max_group_size, cfg.num_hidden_layers)
@@ -301,7 +321,7 @@ def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model
                                    stream_windows)
     signature = model_signature(model, name=source_name)
     per_head, chosen, precision = plan_heads(sim, stream_err, windows, settings, target_context, choice.sinks,
-                                             choice.window, prec_err, signature.head_dim)
+                                             choice.window, prec_err, signature.head_dim, sel_err)
     plan = Plan(
         model=signature,
         precision=precision,
@@ -388,14 +408,16 @@ def plan_blocks(sim: np.ndarray, settings: CalibrationSettings, target_context: 
 
 def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[int, ...],
                settings: CalibrationSettings, target_context: int, sinks: int, window: int,
-               prec_err: dict | None = None, head_dim: int = 64) -> tuple[tuple, dict, Precision | None]:
+               prec_err: dict | None = None, head_dim: int = 64,
+               sel_err: np.ndarray | None = None) -> tuple[tuple, dict, Precision | None]:
     """Per KV head, the plan's blocks under the settings, what to record in the plan's criterion, and the plan's
     precision section (None without --precision).
 
     With token selection (--keep), every head is priced as selection leaves it: a FULL head already saves what
-    selection drops (at no priced error: selection's loss is not measured here), so the choices are made on what
-    each option saves beyond that, towards the rest of the target. Followers need values for their whole window,
-    so with a selection window below it, heads are full or streaming. With --precision, each shared block also
+    selection drops, at the loss `sel_err` [Hkv, L] measured for every layer that selection touches (a shared
+    block's anchor and followers; `selection_loss`; None: free, as with --free-selection), so the choices are made
+    on what each option saves beyond that, towards the rest of the target. Followers need values for their whole
+    window, so with a selection window below it, heads are full or streaming. With --precision, each shared block also
     chooses its bits (`grouping.assign_head`), priced by `prec_err` {name: [Hkv, L]}, and so does each streaming
     head whose window reaches past the residual ({(name, window): [Hkv, L]})."""
     if not settings.mixed:
@@ -406,7 +428,7 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
         raise ValueError(f"this calibration priced no {', '.join(missing)}; calibrate with --precision "
                          f"{','.join(settings.precision)}")
     options, base = _head_options(sim, stream_err, windows, settings, target_context, sinks, window, prec_err,
-                                  head_dim)
+                                  head_dim, sel_err)
     max_error = settings.max_error
     if max_error is None and settings.target_saving is None:
         max_error = 1.0 - (settings.min_similarity if settings.min_similarity is not None
@@ -426,6 +448,7 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
               **({"precisions": list(options[0].precisions),
                   "streaming_precisions": list(dict.fromkeys(options[0].stream_precisions))}
                  if settings.precision else {}),
+              **({"selection_loss": "priced" if sel_err is not None else "free"} if settings.selection else {}),
               "total_error": round(error, 4), "estimated_saving": round(saved, 4)}
     precision = _precision_of_segments(segments, n, settings) if settings.precision else None
     return _blocks_of_segments(sim, segments), chosen, precision
@@ -433,9 +456,10 @@ def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[in
 
 def _head_options(sim: np.ndarray, stream_err: np.ndarray, windows: tuple[int, ...], settings: CalibrationSettings,
                   target_context: int, sinks: int, window: int, prec_err: dict | None,
-                  head_dim: int) -> tuple[list, float]:
+                  head_dim: int, sel_err: np.ndarray | None = None) -> tuple[list, float]:
     """(what each option of each KV head costs and saves, what token selection alone saves per head), savings as
-    shares of the whole dense cache's bytes at `target_context` (`bits.head_bytes`)."""
+    shares of the whole dense cache's bytes at `target_context` (`bits.head_bytes`); `sel_err` [Hkv, L]: the loss
+    selection adds to every layer of a shared block (None: none)."""
     hkv, n, _ = sim.shape
     selection = settings.selection
     dense = dense_vectors(n, hkv, target_context) * head_dim * 2  # bytes of the whole 16-bit dense cache
@@ -467,7 +491,8 @@ def _head_options(sim: np.ndarray, stream_err: np.ndarray, windows: tuple[int, .
         options.append(grouping.HeadOptions(1.0 - sim[h], follower_saving, stream_errors, stream_saving,
                                             tuple(w for w, _ in streams), allowed, tuple(p.name for p in precisions),
                                             errors, anchor_saving, follower_precision_saving,
-                                            tuple(p.name for _, p in streams)))
+                                            tuple(p.name for _, p in streams),
+                                            None if sel_err is None else sel_err[h]))
     return options, base
 
 
@@ -508,9 +533,13 @@ def regroup(result: CalibrationResult, settings: CalibrationSettings, target_con
     plan = result.plan
     if settings.mixed and result.streaming_error is None:
         raise ValueError("this calibration priced no streaming options; calibrate with --kinds follower,streaming")
+    priced = settings.priced_selection
+    if priced is not None and priced not in result.selection_error:
+        raise ValueError(f"this calibration priced no selection {priced}; calibrate with these --keep and --scorer "
+                         "options, or pass --free-selection")
     blocks, chosen, precision = plan_heads(result.similarity, result.streaming_error, result.streaming_windows,
                                            settings, target_context, plan.sinks, plan.window, result.precision_error,
-                                           plan.model.head_dim)
+                                           plan.model.head_dim, result.selection_error.get(priced))
     kept = {k: v for k, v in plan.criterion.items() if k not in MIXED_CRITERION_KEYS}
     criterion = {**kept, **_choice_entries(settings, chosen, target_context)}
     return replace(plan, blocks=blocks, criterion=criterion, selection=settings.selection, precision=precision)

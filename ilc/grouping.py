@@ -153,7 +153,8 @@ class HeadOptions:
     precision_error[p, layer]: the layer's added error at precisions[p] (row 0: zeros);
     anchor_saving[p] / follower_precision_saving[p]: what precisions[p] saves on a block's anchor / on each follower
     (values only) beyond the same head at 16 bits; stream_precisions[k]: the precision of streaming option k (all
-    16-bit when empty)."""
+    16-bit when empty); selection_error[layer]: what token selection loses on the layer unless it streams (counted
+    in a block's error, never against `max_error`: every full head is selected, so it cannot be avoided)."""
 
     follower_error: np.ndarray
     follower_saving: float
@@ -166,13 +167,14 @@ class HeadOptions:
     anchor_saving: np.ndarray | None = None
     follower_precision_saving: np.ndarray | None = None
     stream_precisions: tuple[str, ...] = ()
+    selection_error: np.ndarray | None = None
 
     def __post_init__(self):
         kinds = frozenset(k if isinstance(k, HeadKind) else HeadKind.from_label(k) for k in self.allowed)
         object.__setattr__(self, "allowed", kinds)
         n, count = self.follower_error.shape[0], len(self.precisions)
         for name, shape in (("precision_error", (count, n)), ("anchor_saving", (count,)),
-                            ("follower_precision_saving", (count,))):
+                            ("follower_precision_saving", (count,)), ("selection_error", (n,))):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, np.zeros(shape))
         if not self.stream_precisions:
@@ -191,8 +193,8 @@ class Segment:
 def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | None):
     """Exact DP over one head's layers for the Lagrangian cost sum(error) - lam * sum(saving).
 
-    A shared block [a, end) at precision p costs its followers' sharing errors plus every layer's precision error,
-    and saves its followers' sharing plus what p saves on the anchor and on each follower.
+    A shared block [a, end) at precision p costs its followers' sharing errors plus every layer's precision and
+    selection errors, and saves its followers' sharing plus what p saves on the anchor and on each follower.
     Returns (segments, total error, total saving). Options whose error exceeds `max_error` are not allowed."""
     n = opt.follower_error.shape[0]
     best = [0.0] + [math.inf] * n
@@ -206,7 +208,8 @@ def assign_head(opt: HeadOptions, lam: float, max_size: int, max_error: float | 
     def block(a: int, end: int, p: int) -> tuple[float, float]:
         """(error, saving) of the shared block [a, end) at precision p."""
         followers = end - a - 1
-        error = float(opt.follower_error[a, a + 1:end].sum() + opt.precision_error[p, a:end].sum())
+        error = float(opt.follower_error[a, a + 1:end].sum() + opt.precision_error[p, a:end].sum()
+                      + opt.selection_error[a:end].sum())
         saving = opt.anchor_saving[p] + followers * (opt.follower_saving + opt.follower_precision_saving[p])
         return error, float(saving)
 

@@ -183,6 +183,10 @@ def _kinds_rule_lines(c: dict) -> list[str]:
             + (f"; total output error {total}" if total is not None else "")]
 
 
+_SELECTION_LOSS = {"priced": "; its loss was priced per head in calibration",
+                   "free": "; its loss was not priced (free in the choice of heads)"}
+
+
 def _selection_lines(plan: Plan) -> list[str]:
     if not plan.selection:
         return []
@@ -192,7 +196,8 @@ def _selection_lines(plan: Plan) -> list[str]:
     return [f"selection: {sel.scorer} at the end of prefill: full heads keep {plan.sinks} sinks + the last "
             f"{sel.window} tokens + the best {sel.keep:.0%} of the others (scored by the last {sel.observation} "
             f"prompt queries{pooled}); followers keep their anchor's tokens, streaming heads are unaffected; tokens "
-            "after the prompt are all kept"]
+            "after the prompt are all kept" + _SELECTION_LOSS.get(plan.criterion.get("selection_loss"), "")]
+
 
 
 def _adapted_lines(plan: Plan) -> list[str]:

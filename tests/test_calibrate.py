@@ -169,7 +169,7 @@ def test_keep_adds_selection_priced_into_the_target(tmp_path):
     """--keep: full heads are priced as selection leaves them, so a 90% target is met with fewer streaming heads
     than selection-free pricing would need; the plan records the selection and its bytes are the formula's."""
     result, model = run(target_saving=0.6)
-    settings = dict(seq_len=256, max_group_size=4, selection_window=16, selection_pool=7)
+    settings = dict(seq_len=256, max_group_size=4, selection_window=16, selection_pool=7, free_selection=True)
     with_sel = regroup(result, CalibrationSettings(target_saving=0.75, keep=0.1, **settings), 256)
     assert with_sel.selection is not None
     assert (with_sel.selection.keep, with_sel.selection.window, with_sel.selection.pool) == (0.1, 16, 7)

@@ -39,6 +39,7 @@ def test_inspect_explains_the_plans_token_selection(capsys):
     assert main(["inspect", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "the best 25% of the others (scored by the last 16 prompt queries, avg-pooled over 31 tokens)" in out
+    assert "its loss was priced per head in calibration" in out
 
 
 def test_inspect_plot_writes_png(tmp_path):

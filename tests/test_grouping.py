@@ -1,5 +1,6 @@
 """Grouping methods against brute force over every segmentation, on random similarity matrices."""
 
+import dataclasses
 import itertools
 import math
 
@@ -190,3 +191,21 @@ def test_block_precision_dp_matches_brute_force(seed):
         assert abs((err - lam * sav) - brute(lam)) < 1e-9, (seed, lam)
     assert {s.precision for s in grouping.assign_head(opt, 5.0, 3, None)[0] if s.streaming_window is None} \
         - {"K16V16"}  # a high price on bytes picks some integers
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_selection_error_counts_on_every_non_streaming_layer_but_caps_nothing(seed):
+    """A layer that does not stream pays selection's loss: the DP finds the brute-force optimum with it; a loss
+    above max_error still leaves the head full (selection is not an option a head can decline)."""
+    rng = np.random.default_rng(seed)
+    base = random_options(4, rng)
+    loss = rng.uniform(0, 0.5, 4)
+    opt = dataclasses.replace(base, selection_error=loss)
+    for lam in (0.0, 0.5, 2.0):
+        segments, err, sav = grouping.assign_head(opt, lam, 3, None)
+        brute = min(e + sum(loss[list(layers)].sum() for layers, k in a if k is None) - lam * s
+                    for a in mixed_assignments(4, opt.windows, 3) for e, s in [priced(opt, a)])
+        assert abs((err - lam * sav) - brute) < 1e-9, (seed, lam)
+    full_only = dataclasses.replace(base, allowed=frozenset(), selection_error=np.full(4, 0.9))
+    segments, err, _ = grouping.assign_head(full_only, 1.0, 3, 0.1)
+    assert [s.layers for s in segments] == [(0,), (1,), (2,), (3,)] and abs(err - 3.6) < 1e-9
