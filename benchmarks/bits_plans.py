@@ -6,8 +6,10 @@ read 64 tokens at a time, so that positions after 1024 read the cache as stored:
 Calibrates once (`ilc calibrate smollm2-135m --seq-len 4096 --precision K8V8,K4cV4,K4cV2,K2cV2`) and chooses each
 plan from the same records with `regroup`: what that command writes with --target-saving 0.755 (the 75% plan),
 0.905 (the 90% plan), 0.91 --keep 0.25 [--scorer replay] [--selection-window 16 [--selection-pool 31]] (90% with
-token selection), 0.91 --keep 0.2 --precision K8V8,K4cV4 (90% with selection and no 2-bit values), or 0.5. Every
-step resumes from its results.jsonl, and a plan-NAME.yaml already in --out is used as it is.
+token selection), 0.91 --keep 0.2 --precision K8V8,K4cV4 (90% with selection and no 2-bit values), or 0.5, all with
+selection's loss free (--free-selection) as they were chosen; "90-priced" is the 90% plan with it priced, which
+needs its own calibration (`ilc calibrate` with its flags; docs/bits/README.md). Every step resumes from its
+results.jsonl, and a plan-NAME.yaml already in --out is used as it is.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/bits_plans.py --out docs/bits --haystack ../shared/data/pg_essays
 (one thread: the kvpress peers run beside it on the other core)
