@@ -7,10 +7,11 @@ function, in its dense replay path: no PoD cache) on the prompt and then on a co
 query of the copy (any of the KV head's query heads) pays to each prompt token. The copy is the cue: a model
 re-reading text attends to the token it is about to repeat (induction heads), so a token nobody attends to
 while repeating is one the context can lose. KVzip adds an instruction to repeat; the runtime has no tokenizer,
-so ilc replays the bare copy. Cost: two extra prefills (the prompt, and its copy over a twice-as-long cache) and
-a dense cache of twice the prompt while they run; `ilc eval` reports it as prefill time. Measured on SmolLM2
-(docs/bits/README.md): 11x a plain prefill on CPU, and on the one prompt tried it lost the needle that KVzip keeps;
-KVzip also ranks tokens across heads rather than a share per head.
+so ilc replays the bare copy (the instruction, tried, changed nothing). Cost: two extra prefills (the prompt, and
+its copy over a twice-as-long cache) and a dense cache of twice the prompt while they run; `ilc eval` reports it as
+prefill time. Measured on SmolLM2 (docs/bits/README.md): 6-11x a plain prefill on CPU, and it loses the needles
+that SnapKV's rule keeps: every token is attended when it is repeated, so a head's scores are flat, and a fixed
+share per head keeps an arbitrary part of the needle. KVzip ranks tokens across all heads and layers instead.
 """
 
 from __future__ import annotations
