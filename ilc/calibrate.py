@@ -37,10 +37,11 @@ from .similarity import CRITERIA, streaming_error
 from .windows import WindowChoice, choose_windows
 
 MIXED_CRITERION_KEYS = ("assignment", "max_error", "streaming_windows", "precisions", "streaming_precisions",
-                        "selection_loss", "total_error", "estimated_saving")
+                        "selection_loss", "keep_choice", "total_error", "estimated_saving")
 KINDS = (HeadKind.FOLLOWER, HeadKind.STREAMING)  # what a (layer, KV head) may become besides full
 KIND_LABELS = tuple(k.label for k in KINDS)
 STREAMING_WINDOWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # candidates, up to half the seq-len
+KEEP_CANDIDATES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)  # token selection's shares that --choose-keep prices
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ class CalibrationSettings:
                                  "none); a wider pool keeps whole neighbourhoods of well-read tokens")
     free_selection: bool = option(False, "with --keep: price selection's loss at zero (as plans were chosen before "
                                   "it was priced; the replay scorer is never priced)")
+    choose_keep: bool = option(False, "token selection with the share chosen by calibration instead of --keep: "
+                               f"each of {', '.join(map(str, KEEP_CANDIDATES))} priced, the one whose plan reaches "
+                               "--target-saving with the least total error kept")
     precision: tuple[str, ...] = option((), "mixed plans: precisions a shared block (and a streaming head with a "
                                         "window past the residual by 4 groups) may store its keys and values at "
                                         "besides 16-bit, a comma list of K<bits>[c]V<bits> (bits 8, 4, 2; c: keys "
@@ -139,19 +143,26 @@ class CalibrationSettings:
 
     @property
     def selection(self) -> Selection | None:
-        """The plan's `Selection` (None without --keep)."""
+        """The plan's `Selection` (None without --keep; --choose-keep tries several, `per_keep`)."""
         if self.keep is None:
             return None
         return Selection(keep=self.keep, scorer=self.scorer, window=self.selection_window, pool=self.selection_pool)
 
     @property
-    def priced_selection(self) -> Selection | None:
-        """The selection whose loss calibration measures (`ilc.selection_loss`), or None: no --keep,
-        --free-selection, a scorer calibration cannot run, or a plan without per-head choices."""
-        selection = self.selection
-        if selection is None or self.free_selection or not self.mixed or not can_price(selection):
-            return None
-        return selection
+    def per_keep(self) -> tuple[CalibrationSettings, ...]:
+        """These settings once per token-selection share to try: each of KEEP_CANDIDATES with --choose-keep,
+        else only themselves."""
+        if not self.choose_keep:
+            return (self,)
+        return tuple(replace(self, keep=keep, choose_keep=False) for keep in KEEP_CANDIDATES)
+
+    @property
+    def priced_selections(self) -> tuple[Selection, ...]:
+        """The selections whose loss calibration measures (`ilc.selection_loss`): none without --keep or
+        --choose-keep, with --free-selection, for a scorer calibration cannot run, or without per-head choices."""
+        if self.free_selection or not self.mixed:
+            return ()
+        return tuple(s.selection for s in self.per_keep if s.selection is not None and can_price(s.selection))
 
     @property
     def precisions(self) -> tuple[HeadPrecision, ...]:
@@ -208,6 +219,8 @@ class CalibrationSettings:
                               "streaming in --kinds (the default)")
         if self.free_selection and self.keep is None:
             raise OptionError("--free-selection prices token selection at zero: give --keep")
+        if self.choose_keep:
+            self._validate_choose_keep()
         if self.streams_16bit and not self.precision:
             raise OptionError("--streams-16bit keeps streaming heads at 16 bits among --precision's options: give "
                               "--precision")
@@ -223,6 +236,16 @@ class CalibrationSettings:
         if self.window is not None and self.window >= self.seq_len // 2:
             raise OptionError(f"--window {self.window} leaves no distant tokens at the sampled rows of --seq-len "
                               f"{self.seq_len}; use a window below {self.seq_len // 2}")
+
+    def _validate_choose_keep(self) -> None:
+        if self.keep is not None:
+            raise OptionError("give --keep or --choose-keep, not both")
+        if self.target_saving is None or not self.mixed:
+            raise OptionError("--choose-keep compares shares at one --target-saving in a mixed plan: give "
+                              "--target-saving (and keep streaming in --kinds)")
+        if self.free_selection or not can_price(Selection(0.5, scorer=self.scorer)):
+            raise OptionError(f"--choose-keep compares the priced losses of selection: it cannot be used with "
+                              f"{'--free-selection' if self.free_selection else f'--scorer {self.scorer}'}")
 
     def _validate_target(self) -> None:
         if not METHODS[self.method].exact:
@@ -275,17 +298,17 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
     problems = [p.layout_error(head_dim) for p in settings.precisions if p.layout_error(head_dim)]
     if problems:
         raise OptionError(f"--precision: {problems[0]}")
-    priced = settings.priced_selection
+    priced = settings.priced_selections
     records = record_calibration(model, data, retrieval, rows, with_keys=bool(settings.precision or priced),
-                                 observe=priced.observation if priced else 0, progress=progress)
+                                 observe=max((s.observation for s in priced), default=0), progress=progress)
     prose = records[:len(data.samples)]  # windows follow ordinary text; options are priced on every sample
     choice = choose_windows(prose, settings.seq_len, settings.sinks, settings.window, settings.window_mass)
     if choice.sinks + choice.window >= settings.seq_len // 2 + 1:
         raise ValueError(f"sinks + window ({choice.sinks} + {choice.window}) leave no distant tokens at the sampled "
                          f"rows of --seq-len {settings.seq_len}; use a longer --seq-len or a smaller --window")
-    sel_err = {priced: selection_error(records, choice.sinks, priced)} if priced else {}
+    sel_err = {s: selection_error(records, choice.sinks, s) for s in priced}
     plan, sim, stream_err, windows, prec_err = _compile(records, choice, settings, model, source_name, data,
-                                                        retrieval, rows, sel_err.get(priced))
+                                                        retrieval, rows, sel_err)
     return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows, prec_err, sel_err)
 
 
@@ -302,9 +325,9 @@ def record_calibration(model, data, retrieval, rows: torch.Tensor, with_keys: bo
 
 
 def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model, source_name, data, retrieval,
-             rows, sel_err: np.ndarray | None) -> tuple:
+             rows, sel_err: dict) -> tuple:
     """(plan, similarity, streaming errors, streaming windows, precision errors) from the recorded samples and the
-    chosen windows (`sel_err`: selection's priced loss, `plan_heads`)."""
+    chosen windows (`sel_err`: selection's priced losses, `choose_heads`)."""
     cfg = model.config.get_text_config()
     criterion = settings.criterion or METHODS[settings.method].criterion
     span = min(settings.max_group_size, cfg.num_hidden_layers)
@@ -320,8 +343,9 @@ def _compile(records, choice: WindowChoice, settings: CalibrationSettings, model
         prec_err = precision_error(records, choice.sinks, settings.residual, list(settings.precisions[1:]),
                                    stream_windows)
     signature = model_signature(model, name=source_name)
-    per_head, chosen, precision = plan_heads(sim, stream_err, windows, settings, target_context, choice.sinks,
-                                             choice.window, prec_err, signature.head_dim, sel_err)
+    settings, (per_head, chosen, precision) = choose_heads(sim, stream_err, windows, settings, target_context,
+                                                           choice.sinks, choice.window, prec_err, signature.head_dim,
+                                                           sel_err)
     plan = Plan(
         model=signature,
         precision=precision,
@@ -404,6 +428,33 @@ def plan_blocks(sim: np.ndarray, settings: CalibrationSettings, target_context: 
     blocks = group_layers(sim, settings, target_context, proximal)
     mats = [sim.mean(0)] * len(sim) if settings.per_layer else sim
     return tuple(blocks_from_layers(b, grouping.blocks_min_similarity(m, b)) for b, m in zip(blocks, mats))
+
+
+def choose_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[int, ...],
+                 settings: CalibrationSettings, target_context: int, sinks: int, window: int, prec_err: dict | None,
+                 head_dim: int, sel_err: dict) -> tuple[CalibrationSettings, tuple]:
+    """(the settings with the token-selection share chosen, `plan_heads` under them). With --choose-keep, the heads
+    are chosen at each candidate share with its priced loss (`sel_err` {Selection: [Hkv, L]}), and the share whose
+    plan reaches the target with the least total error is kept; the criterion records every share's error."""
+    def heads(candidate: CalibrationSettings) -> tuple:
+        loss = sel_err[candidate.selection] if candidate.priced_selections else None  # None: selection free
+        return plan_heads(sim, stream_err, windows, candidate, target_context, sinks, window, prec_err, head_dim,
+                          loss)
+
+    if not settings.choose_keep:
+        return settings, heads(settings)
+    tried = {}
+    for candidate in settings.per_keep:
+        try:
+            tried[candidate.keep] = candidate, heads(candidate)
+        except ValueError:  # out of reach at this share
+            continue
+    if not tried:
+        raise ValueError(f"--target-saving {settings.target_saving} at {target_context} tokens is out of reach at "
+                         f"every share of --choose-keep; lower the target or add --precision")
+    errors = {keep: chosen["total_error"] for keep, (_, (_, chosen, _)) in tried.items()}
+    chosen_settings, (blocks, chosen, precision) = tried[min(errors, key=errors.get)]
+    return chosen_settings, (blocks, {**chosen, "keep_choice": errors}, precision)
 
 
 def plan_heads(sim: np.ndarray, stream_err: np.ndarray | None, windows: tuple[int, ...],
@@ -533,13 +584,14 @@ def regroup(result: CalibrationResult, settings: CalibrationSettings, target_con
     plan = result.plan
     if settings.mixed and result.streaming_error is None:
         raise ValueError("this calibration priced no streaming options; calibrate with --kinds follower,streaming")
-    priced = settings.priced_selection
-    if priced is not None and priced not in result.selection_error:
-        raise ValueError(f"this calibration priced no selection {priced}; calibrate with these --keep and --scorer "
-                         "options, or pass --free-selection")
-    blocks, chosen, precision = plan_heads(result.similarity, result.streaming_error, result.streaming_windows,
-                                           settings, target_context, plan.sinks, plan.window, result.precision_error,
-                                           plan.model.head_dim, result.selection_error.get(priced))
+    missing = [s for s in settings.priced_selections if s not in result.selection_error]
+    if missing:
+        raise ValueError(f"this calibration priced no selection {missing[0]}; calibrate with these --keep and "
+                         "--scorer options, or pass --free-selection")
+    settings, (blocks, chosen, precision) = choose_heads(result.similarity, result.streaming_error,
+                                                         result.streaming_windows, settings, target_context,
+                                                         plan.sinks, plan.window, result.precision_error,
+                                                         plan.model.head_dim, result.selection_error)
     kept = {k: v for k, v in plan.criterion.items() if k not in MIXED_CRITERION_KEYS}
     criterion = {**kept, **_choice_entries(settings, chosen, target_context)}
     return replace(plan, blocks=blocks, criterion=criterion, selection=settings.selection, precision=precision)

@@ -196,7 +196,17 @@ def _selection_lines(plan: Plan) -> list[str]:
     return [f"selection: {sel.scorer} at the end of prefill: full heads keep {plan.sinks} sinks + the last "
             f"{sel.window} tokens + the best {sel.keep:.0%} of the others (scored by the last {sel.observation} "
             f"prompt queries{pooled}); followers keep their anchor's tokens, streaming heads are unaffected; tokens "
-            "after the prompt are all kept" + _SELECTION_LOSS.get(plan.criterion.get("selection_loss"), "")]
+            "after the prompt are all kept" + _SELECTION_LOSS.get(plan.criterion.get("selection_loss"), "")
+            + _keep_choice(plan.criterion.get("keep_choice"))]
+
+
+def _keep_choice(tried) -> str:
+    if not tried:
+        return ""
+    if not isinstance(tried, dict) or not all(_number(v) is not None for v in tried.values()):
+        raise _Unexpected
+    return ("; the share chosen by calibration (--choose-keep), total error per share tried: "
+            + ", ".join(f"{float(k):g}: {_number(v)}" for k, v in tried.items()))
 
 
 

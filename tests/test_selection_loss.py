@@ -6,9 +6,10 @@ import torch
 
 from conftest import CharTokenizer, tiny_llama
 from ilc.attention_stats import record_sample, recording
-from ilc.calibrate import CalibrationSettings, calibrate, regroup
+from ilc.calibrate import KEEP_CANDIDATES, CalibrationSettings, calibrate, regroup
 from ilc.inspect_plan import format_plan
 from ilc.options import OptionError
+from ilc.runtime import load_plan
 from ilc.runtime.heads import Selection
 from ilc.runtime.selection import choose_tokens, selection_shape
 from ilc.selection_loss import selection_error
@@ -109,3 +110,28 @@ def test_calibration_prices_selection_and_the_plan_says_so():
     assert replay.criterion["selection_loss"] == "free"  # the replay scorer is not priced
     capped = regroup(result, CalibrationSettings(keep=0.1, max_error=0.01, **settings), 256)  # no target: a cap
     assert capped.criterion["selection_loss"] == "priced" and capped.kind_counts()["full"] > 0  # selection caps nothing
+
+
+def test_choose_keep_picks_the_share_with_the_least_priced_error(tmp_path):
+    """--choose-keep prices every candidate share and keeps the one whose plan reaches the target with the least
+    total error: the plan equals the one --keep with that share writes, and records every share's error."""
+    model = tiny_llama(layers=6, heads=4, kv_heads=2, max_pos=2048)
+    settings = dict(seq_len=256, samples=3, query_rows=8, max_group_size=4, selection_window=16, selection_pool=7)
+    result = calibrate(CalibrationSettings(target_saving=0.75, choose_keep=True, **settings), model, CharTokenizer(),
+                       "tiny", progress=False)
+    plan, tried = result.plan, result.plan.criterion["keep_choice"]
+    assert set(result.selection_error) == {Selection(k, window=16, pool=7) for k in KEEP_CANDIDATES}
+    assert plan.selection.keep in KEEP_CANDIDATES and tried[plan.selection.keep] == min(tried.values())
+    assert len(set(tried.values())) > 1  # the shares price differently
+    fixed = regroup(result, CalibrationSettings(target_saving=0.75, keep=plan.selection.keep, **settings), 256)
+    assert (fixed.blocks, fixed.precision, fixed.selection) == (plan.blocks, plan.precision, plan.selection)
+    assert fixed.criterion["total_error"] == tried[plan.selection.keep]
+    again = regroup(result, CalibrationSettings(target_saving=0.75, choose_keep=True, **settings), 256)
+    assert again == plan and load_plan(plan.save(tmp_path / "k.yaml")) == plan
+    assert "the share chosen by calibration (--choose-keep)" in format_plan(plan)
+    with pytest.raises(ValueError, match="out of reach at every share"):
+        regroup(result, CalibrationSettings(target_saving=0.995, choose_keep=True, **settings), 256)
+    for bad, message in ((dict(keep=0.2), "not both"), (dict(target_saving=None), "--target-saving"),
+                         (dict(free_selection=True), "--free-selection"), (dict(scorer="replay"), "--scorer replay")):
+        with pytest.raises(OptionError, match=message):
+            CalibrationSettings(**{"target_saving": 0.75, "choose_keep": True, **bad}).validate()
