@@ -162,7 +162,7 @@ class CalibrationSettings:
         --choose-keep, with --free-selection, for a scorer calibration cannot run, or without per-head choices."""
         if self.free_selection or not self.mixed:
             return ()
-        return tuple(s.selection for s in self.per_keep if s.selection is not None and can_price(s.selection))
+        return tuple(s.selection for s in self.per_keep if s.selection is not None and can_price(s.scorer))
 
     @property
     def precisions(self) -> tuple[HeadPrecision, ...]:
@@ -217,10 +217,10 @@ class CalibrationSettings:
         if self.precision and not self.mixed:
             raise OptionError("--precision prices bits beside kinds in mixed plans: use --method optimal with "
                               "streaming in --kinds (the default)")
-        if self.free_selection and self.keep is None:
-            raise OptionError("--free-selection prices token selection at zero: give --keep")
         if self.choose_keep:
             self._validate_choose_keep()
+        if self.free_selection and self.keep is None:
+            raise OptionError("--free-selection prices token selection at zero: give --keep")
         if self.streams_16bit and not self.precision:
             raise OptionError("--streams-16bit keeps streaming heads at 16 bits among --precision's options: give "
                               "--precision")
@@ -243,7 +243,7 @@ class CalibrationSettings:
         if self.target_saving is None or not self.mixed:
             raise OptionError("--choose-keep compares shares at one --target-saving in a mixed plan: give "
                               "--target-saving (and keep streaming in --kinds)")
-        if self.free_selection or not can_price(Selection(0.5, scorer=self.scorer)):
+        if self.free_selection or not can_price(self.scorer):
             raise OptionError(f"--choose-keep compares the priced losses of selection: it cannot be used with "
                               f"{'--free-selection' if self.free_selection else f'--scorer {self.scorer}'}")
 
@@ -306,7 +306,7 @@ def calibrate(settings: CalibrationSettings, model=None, tokenizer=None, source_
     if choice.sinks + choice.window >= settings.seq_len // 2 + 1:
         raise ValueError(f"sinks + window ({choice.sinks} + {choice.window}) leave no distant tokens at the sampled "
                          f"rows of --seq-len {settings.seq_len}; use a longer --seq-len or a smaller --window")
-    sel_err = {s: selection_error(records, choice.sinks, s) for s in priced}
+    sel_err = selection_error(records, choice.sinks, priced) if priced else {}
     plan, sim, stream_err, windows, prec_err = _compile(records, choice, settings, model, source_name, data,
                                                         retrieval, rows, sel_err)
     return CalibrationResult(plan, time.perf_counter() - started, sim, choice, stream_err, windows, prec_err, sel_err)

@@ -209,7 +209,6 @@ def _keep_choice(tried) -> str:
             + ", ".join(f"{float(k):g}: {_number(v)}" for k, v in tried.items()))
 
 
-
 def _adapted_lines(plan: Plan) -> list[str]:
     if not plan.adapted:
         return []

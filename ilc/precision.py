@@ -20,6 +20,7 @@ from ilc.runtime.bits import Axis, HeadPrecision, QuantSpec, stream_layout_error
 from ilc.runtime.quant import dequantize, quantize
 
 from .attention_stats import SampleRecord
+from .similarity import output_error
 
 
 def _round_trip(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
@@ -42,9 +43,9 @@ def precision_error(records: list[SampleRecord], sinks: int, residual: int, opti
     num_layers, hkv = records[0].values.shape[:2]
     hq = records[0].queries.shape[1]
     group = hq // hkv
-    priced = [(o, None) for o in options] + [(o, w) for w in windows for o in options
-                                             if stream_layout_error(o, w, residual) is None]
-    err = {(o.name if w is None else (o.name, w)): np.zeros((hkv, num_layers)) for o, w in priced}
+    priced = [(o.name, o, None) for o in options] + [((o.name, w), o, w) for w in windows for o in options
+                                                     if stream_layout_error(o, w, residual) is None]
+    err = {key: np.zeros((hkv, num_layers)) for key, _, _ in priced}
     for r in records:
         t = r.keys.shape[2]
         pos = torch.arange(t)[None, :]
@@ -55,14 +56,11 @@ def precision_error(records: list[SampleRecord], sinks: int, residual: int, opti
             q = r.queries[layer]  # [Hq, R, D]
             k, v = r.keys[layer].float(), r.values[layer].float()  # [Hkv, T, D]
             reference = _attend(q, k, k, v, v, exact, causal, r.scaling, group)
-            norm = reference.norm(dim=-1).clamp_min(1e-6)
             stored = {o.name: (_round_trip(k, o.key_spec()), _round_trip(v, o.value_spec())) for o in options}
-            for o, w in priced:
+            for key, o, w in priced:
                 k_stored, v_stored = stored[o.name]
                 out = _attend(q, k, k_stored, v, v_stored, exact & kept[w], kept[w], r.scaling, group)
-                rel = ((out - reference).norm(dim=-1) / norm).mean(-1)  # [Hq]
-                err[o.name if w is None else (o.name, w)][:, layer] += \
-                    rel.reshape(hkv, group).mean(-1).clamp(0, 1).numpy()
+                err[key][:, layer] += output_error(out, reference, hkv).clamp(0, 1).numpy()
     return {key: e / len(records) for key, e in err.items()}
 
 

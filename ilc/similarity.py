@@ -32,6 +32,13 @@ def _per_kv_head(x: torch.Tensor, num_kv: int) -> torch.Tensor:
     return x.view(num_kv, -1).mean(-1)
 
 
+def output_error(out: torch.Tensor, reference: torch.Tensor, num_kv: int) -> torch.Tensor:
+    """[Hkv] relative change ||out - reference|| / ||reference|| of attention outputs [Hq, R, D], averaged over the
+    R rows and the query heads of each KV head (not clipped): the error every option is priced by."""
+    rel = ((out - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-6)).mean(-1)  # [Hq]
+    return _per_kv_head(rel, num_kv)
+
+
 def jsd_similarity(records: list[SampleRecord], sinks: int, window: int, span: int) -> np.ndarray:
     num_layers, hq = records[0].probs.shape[:2]
     hkv = records[0].values.shape[1]
@@ -73,7 +80,6 @@ def output_similarity(records: list[SampleRecord], sinks: int, window: int, span
             o_full = pf @ v
             o_prox = (pf * pmask) @ v
             log_prox = (r.lse[f] + (pf * pmask).sum(-1).clamp_min(1e-30).log())  # [Hq, R]
-            norm = o_full.norm(dim=-1).clamp_min(1e-6)
             for a in range(max(0, f - span + 1), f):
                 pa = r.probs[a].float() * dmask
                 log_dist = r.lse[a] + pa.sum(-1).clamp_min(1e-30).log()
@@ -81,8 +87,7 @@ def output_similarity(records: list[SampleRecord], sinks: int, window: int, span
                 o_new = (log_prox - log_z).exp()[..., None] * (o_prox / (pf * pmask).sum(-1, keepdim=True)
                                                               .clamp_min(1e-30)) \
                     + (log_dist - log_z).exp()[..., None] * ((pa @ v) / pa.sum(-1, keepdim=True).clamp_min(1e-30))
-                rel = ((o_new - o_full).norm(dim=-1) / norm).mean(-1)  # [Hq]
-                sim[:, a, f] += (1 - _per_kv_head(rel, hkv)).clamp(0, 1).numpy()
+                sim[:, a, f] += (1 - output_error(o_new, o_full, hkv)).clamp(0, 1).numpy()
             sim[:, f, f] += 1.0
     return sim / len(records)
 
@@ -106,10 +111,8 @@ def streaming_error(records: list[SampleRecord], sinks: int, windows: Sequence[i
             v = r.values[layer].float().repeat_interleave(group, dim=0)  # [Hq, T, D]
             p = r.probs[layer].float()
             o_full = p @ v
-            norm = o_full.norm(dim=-1).clamp_min(1e-6)
             for k, keep in enumerate(keeps):
                 pk = p * keep
                 o_new = (pk @ v) / pk.sum(-1, keepdim=True).clamp_min(1e-30)
-                rel = ((o_new - o_full).norm(dim=-1) / norm).mean(-1)  # [Hq]
-                err[:, layer, k] += _per_kv_head(rel, hkv).clamp(0, 1).numpy()
+                err[:, layer, k] += output_error(o_new, o_full, hkv).clamp(0, 1).numpy()
     return err / len(records)

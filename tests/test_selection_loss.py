@@ -43,13 +43,17 @@ def test_observed_queries_are_each_rows_prompt_end():
 
 
 def test_less_kept_costs_more_and_nothing_dropped_costs_nothing(records):
-    errs = [selection_error(records, 2, Selection(keep, window=16, pool=5)) for keep in (0.05, 0.3, 0.9)]
+    selections = [Selection(keep, window=16, pool=5) for keep in (0.05, 0.3, 0.9)]
+    joint = selection_error(records, 2, selections)  # the shares priced together, as --choose-keep does
+    errs = [joint[s] for s in selections]
+    assert all(np.allclose(joint[s], selection_error(records, 2, [s])[s]) for s in selections)  # = each alone
     assert errs[0].shape == (2, 3) and (errs[0] > 0).all()
     assert errs[0].mean() > errs[1].mean() > errs[2].mean() >= 0
     model = tiny()
     with recording(model):  # sinks + window hold the whole 18-token prompt of the row
         short = record_sample(model, sample(0), torch.tensor([18]), with_keys=True, observe=16)
-    assert np.all(selection_error([short], 2, Selection(0.05, window=16, pool=5)) == 0)
+    sel = Selection(0.05, window=16, pool=5)
+    assert np.all(selection_error([short], 2, [sel])[sel] == 0)
 
 
 def test_priced_choice_is_the_runtimes():
@@ -74,16 +78,18 @@ def test_priced_choice_is_the_runtimes():
 
     chosen = choose_tokens(shape, k[None, :, :120], observed, r.scaling, start, sel)[0]
     recent = choose_tokens(shape, k[None, :, :120], None, r.scaling, start, sel)[0]
-    priced = torch.tensor(selection_error([r], 2, sel)[:, 1], dtype=torch.float32)
+    priced = torch.tensor(selection_error([r], 2, [sel])[sel][:, 1], dtype=torch.float32)
     assert torch.allclose(priced, error(chosen).clamp(0, 1), atol=1e-5) and priced.max() > 0
     assert priced.max() < 1 and not torch.allclose(priced, error(recent).clamp(0, 1), atol=1e-3)
 
 
 def test_refusals(records):
     with pytest.raises(ValueError, match="re-reads the prompt"):
-        selection_error(records, 2, Selection(0.2, scorer="replay", window=16))
+        selection_error(records, 2, [Selection(0.2, scorer="replay", window=16)])
     with pytest.raises(ValueError, match="observed queries"):
-        selection_error(records, 2, Selection(0.2, window=32))  # 16 were recorded
+        selection_error(records, 2, [Selection(0.2, window=32)])  # 16 were recorded
+    with pytest.raises(ValueError, match="differ only in keep"):
+        selection_error(records, 2, [Selection(0.2, window=16), Selection(0.3, window=16, pool=3)])
     with pytest.raises(OptionError, match="--free-selection"):
         CalibrationSettings(free_selection=True).validate()
 
